@@ -1,0 +1,64 @@
+"""What every converter returns, and the names every converted model serves under.
+
+A converter reads one native model file and returns a `Conversion`: the ONNX graph, its serving
+signature, and a way to run the *original* model on the same rows, so `parity.py` can compare the
+two before `publish.py` writes a version. Converters stay small functions; the shared work
+(sample rows, parity, atomic publishing, the report) lives once, beside this module.
+
+Output names are fixed across frameworks so that clients, the prediction log and the quality
+metrics never need to know where a model came from:
+- classifiers: `label` (INT64 or BYTES, shape [-1]) and `probabilities` (FP32, shape [-1, n_classes]);
+- regressors:  `prediction` (FP32, shape [-1] or [-1, n_targets]).
+Tabular inputs are one FP32 tensor `input` of shape [-1, n_features], or one tensor per column
+(shape [-1, 1]) when columns have different types (string columns are BYTES).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+
+Task = Literal["classification", "regression", "other"]
+Rows = dict[str, np.ndarray]
+
+LABEL = "label"
+PROBABILITIES = "probabilities"
+PREDICTION = "prediction"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as the gateway serves it."""
+
+    name: str
+    datatype: str  # Open Inference Protocol datatype: FP32, FP64, INT64, BYTES, BOOL, ...
+    shape: tuple[int, ...]  # full shape, first dimension is the batch (-1 = any size)
+
+
+@dataclass
+class Conversion:
+    model: onnx.ModelProto
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    task: Task
+    framework: str
+    # the original model (or its reference scorer) on the given rows, keyed by the ONNX output names
+    predict_native: Callable[[Rows], Rows]
+    labels: list[str] | None = None
+    # rows drawn from what the source knows of its inputs (ranges, categories); None: from `inputs`
+    make_sample: Callable[[int, np.random.Generator], Rows] | None = None
+    library_versions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class ConversionError(Exception):
+    """A model that cannot be converted, with a message that says what to do about it."""
+
+
+class MissingDependency(ConversionError):
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"converting this model needs the Python package {package!r}: pip install 'onnxgate[{extra}]'")
