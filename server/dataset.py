@@ -1,0 +1,132 @@
+"""`onnxgate dataset export`: the labelled rows of one model — predictions joined with their feedback.
+
+One row per prediction with feedback, from every replica's log:
+
+    prediction_id, model, version, predicted_at,
+    <features>                 each numeric input: one column per element when every row has the same
+                               element count (`x` for one element, `x_0..x_{n-1}` otherwise); else a list
+    prediction                 the primary output (see server/join.py), likewise expanded
+    output_<name>...           the other outputs
+    truth_label, truth_value,  the latest feedback of the prediction (duplicates removed)
+    truth_<tensor>..., reward, feedback_id, feedback_at
+
+Written as Parquet, or as CSV when the file name ends in .csv (list columns as JSON text there).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from server.feedback import read_feedback
+from server.join import Joined, Row, dedupe_feedback, join, primary_output, read_predictions
+from server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
+
+
+def joined_rows(log_dir: Path, model: str, *, version: str | None = None, since: datetime | None = None) -> Joined:
+    predictions = read_predictions(log_dir, [model])
+    if predictions is not None and version is not None:
+        predictions = predictions.filter(pc.equal(predictions["version"], version))
+    if predictions is not None and since is not None:
+        since_ts = pa.scalar(since, predictions["ts"].type)
+        predictions = predictions.filter(pc.greater_equal(predictions["ts"], since_ts))
+    # Everything not matched is pending/unknown; the export only uses the matched rows.
+    return join(predictions, dedupe_feedback(read_feedback(log_dir)), unknown_after_s=float("inf"))
+
+
+def build_table(joined: Joined) -> pa.Table:
+    rows = joined.rows
+    columns: dict[str, list[Any]] = {
+        "prediction_id": [p["id"] for p, _ in rows],
+        "model": [p["model"] for p, _ in rows],
+        "version": [p["version"] for p, _ in rows],
+        "predicted_at": [p["ts"] for p, _ in rows],
+    }
+    tensor_columns = sorted({k for p, _ in rows for k in p if k.startswith((INPUT_PREFIX, OUTPUT_PREFIX))
+                             and not k.endswith(SHAPE_SUFFIX)})
+    primary = {name for p, _ in rows if (name := primary_output(p)) is not None}
+    primary_name = OUTPUT_PREFIX + primary.pop() if len(primary) == 1 else None
+    for name in (n for n in tensor_columns if n.startswith(INPUT_PREFIX)):
+        _expand(columns, name[len(INPUT_PREFIX):], [p.get(name) for p, _ in rows])
+    if primary_name is not None:
+        _expand(columns, "prediction", [p.get(primary_name) for p, _ in rows])
+    for name in (n for n in tensor_columns if n.startswith(OUTPUT_PREFIX) and n != primary_name):
+        _expand(columns, "output_" + name[len(OUTPUT_PREFIX):], [p.get(name) for p, _ in rows])
+    columns["truth_label"] = [f["label"] for _, f in rows]
+    columns["truth_value"] = [f["value"] for _, f in rows]
+    for tensor in sorted({t["name"] for _, f in rows for t in f["tensors"] or ()}):
+        _expand(columns, f"truth_{tensor}", [_tensor_values(f, tensor) for _, f in rows])
+    columns["reward"] = [f["reward"] for _, f in rows]
+    columns["feedback_id"] = [f["feedback_id"] for _, f in rows]
+    columns["feedback_at"] = [f["ts"] for _, f in rows]
+    return pa.table({k: pa.array(v, _TYPES.get(k)) for k, v in columns.items()})
+
+
+_UTC_US = pa.timestamp("us", tz="UTC")
+_TYPES = {"prediction_id": pa.string(), "model": pa.string(), "version": pa.string(), "predicted_at": _UTC_US,
+          "truth_label": pa.string(), "truth_value": pa.float64(), "reward": pa.float64(),
+          "feedback_id": pa.string(), "feedback_at": _UTC_US}
+
+
+def _tensor_values(feedback: Row, name: str) -> list[float] | None:
+    for t in feedback["tensors"] or ():
+        if t["name"] == name:
+            return list(t["values"])
+    return None
+
+
+def _expand(columns: dict[str, list[Any]], name: str, values: list[list[Any] | None]) -> None:
+    """Numeric tensors of one element count across rows become one column per element."""
+    lengths = {len(v) for v in values if v is not None}
+    numeric = all(isinstance(x, int | float) for v in values if v is not None for x in v)
+    if len(lengths) == 1 and numeric:
+        n = lengths.pop()
+        if n == 1:
+            columns[name] = [None if v is None else v[0] for v in values]
+            return
+        for i in range(n):
+            columns[f"{name}_{i}"] = [None if v is None else v[i] for v in values]
+        return
+    columns[name] = values
+
+
+def export(log_dir: Path, model: str, out: Path, *, version: str | None = None,
+           since: datetime | None = None) -> int:
+    """Write the labelled rows of `model` to `out` (.parquet or .csv); returns the row count."""
+    table = build_table(joined_rows(log_dir, model, version=version, since=since))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        pcsv.write_csv(_csv_safe(table), out)
+    else:
+        pq.write_table(table, out)
+    return int(table.num_rows)
+
+
+def _csv_safe(table: pa.Table) -> pa.Table:
+    for i, f in enumerate(table.schema):
+        if pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            text = [None if v is None else json.dumps(v, default=_json_default) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(text, pa.string()))
+        elif pa.types.is_binary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
+    return table
+
+
+def _json_default(x: object) -> object:
+    return x.decode(errors="replace") if isinstance(x, bytes) else str(x)
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO-8601 time (naive means UTC) or seconds since the epoch."""
+    try:
+        return datetime.fromtimestamp(float(text), UTC)
+    except ValueError:
+        t = datetime.fromisoformat(text)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -1,0 +1,363 @@
+"""The prediction log: every (sampled) prediction appended to disk off the hot path.
+
+    handler --record()--> bounded queue --writer thread--> Arrow batches --> segment files
+
+`record()` is the only call the gRPC handler makes: a sampling draw and a `put_nowait`. When the queue
+is full the record is dropped and counted; a request is never slowed or failed by the log. The writer
+thread groups records by model, converts them to one Arrow record batch per model and flush, appends
+it to that model's open segment and fsyncs — every `flush_records` records or `flush_ms` after the
+first record waiting, whichever comes first.
+
+Layout (one directory per replica, so replicas sharing a volume never coordinate):
+
+    <log_dir>/<replica_id>/<model>/predictions-<seq>.arrows|parquet
+    <log_dir>/<replica_id>/feedback-<seq>.arrows|parquet          (server/feedback.py)
+
+A prediction row: id, model, version, ts (UTC), replica, and per tensor two list columns,
+`input.<name>` (the flattened values) and `input.<name>.shape` (likewise `output.<name>`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.segments import RecoveryReport, SegmentWriter
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions"
+INPUT_PREFIX = "input."
+OUTPUT_PREFIX = "output."
+SHAPE_SUFFIX = ".shape"
+META_COLUMNS = ("id", "model", "version", "ts", "replica")
+
+
+def default_replica_id() -> str:
+    # hostname is the pod name on Kubernetes; the pid and a random suffix keep two processes of one
+    # host (and a restarted process) apart.
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ModelLogPolicy:
+    """What is logged for one model. Inputs may hold personal data: leave them out, whole or by name."""
+
+    sample_rate: float = 1.0
+    log_inputs: bool = True
+    log_outputs: bool = True
+    exclude_inputs: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be within [0, 1], got {self.sample_rate}")
+
+
+@dataclass(frozen=True)
+class PredLogSettings:
+    log_dir: Path
+    replica_id: str = field(default_factory=default_replica_id)
+    queue_size: int = 10_000
+    flush_records: int = 1_000
+    flush_ms: float = 200.0
+    segment_max_bytes: int = 64 * 1024 * 1024
+    segment_max_age_s: float = 300.0
+    retention_s: float | None = 7 * 24 * 3600.0
+    retention_bytes: int | None = None
+    fsync: bool = True
+    default_policy: ModelLogPolicy = ModelLogPolicy()
+    models: Mapping[str, ModelLogPolicy] = field(default_factory=dict)
+    # feedback (server/feedback.py) and the join (server/join.py)
+    feedback_queue_size: int = 10_000
+    feedback_max_batch: int = 512
+    join_interval_s: float = 5.0
+    unknown_after_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1 or self.flush_records < 1 or self.flush_ms <= 0:
+            raise ValueError("queue_size and flush_records must be >= 1 and flush_ms > 0")
+        if not self.replica_id or "/" in self.replica_id:
+            raise ValueError(f"replica_id must be a non-empty name without '/', got {self.replica_id!r}")
+
+    def policy(self, model: str) -> ModelLogPolicy:
+        return self.models.get(model, self.default_policy)
+
+    @property
+    def replica_dir(self) -> Path:
+        return self.log_dir / self.replica_id
+
+
+class Prediction(NamedTuple):
+    id: str
+    model: str
+    version: str
+    ts_ns: int
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass
+class _Flush:
+    """A request, put in the queue, to write everything before it now (tests, shutdown)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_STOP = object()
+_MAX_RECENT_IDS = 1_000_000
+
+
+class PredictionLog:
+    def __init__(self, settings: PredLogSettings) -> None:
+        self.settings = settings
+        self._queue: queue.Queue[Prediction | _Flush | object] = queue.Queue(maxsize=settings.queue_size)
+        self._rates = {name: p.sample_rate for name, p in settings.models.items()}
+        self._default_rate = settings.default_policy.sample_rate
+        self._count_lock = threading.Lock()  # taken only on the drop / sample-out paths
+        self.dropped = 0
+        self.sampled_out = 0
+        self.written = 0
+        self.write_errors = 0
+        self.flushes = 0
+        self._segments: dict[str, SegmentWriter] = {}
+        self.recovery: dict[str, RecoveryReport] = {}
+        self._recover_existing()
+        self._recent_ids: set[str] = set()
+        self._recent_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
+        self._thread.start()
+
+    # -- hot path ------------------------------------------------------------------------------------
+    def record(
+        self,
+        request_id: str,
+        model: str,
+        version: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
+        """Queue one prediction for the log; never blocks, never raises for a full queue."""
+        rate = self._rates.get(model, self._default_rate)
+        if rate < 1.0 and random.random() >= rate:
+            with self._count_lock:
+                self.sampled_out += 1
+            return
+        try:
+            self._queue.put_nowait(Prediction(request_id, model, version, time.time_ns(), inputs, outputs))
+        except queue.Full:
+            with self._count_lock:
+                self.dropped += 1
+
+    # -- control -------------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Write everything recorded so far; True once it is durable."""
+        request = _Flush()
+        self._queue.put(request, timeout=timeout)
+        return request.done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, roll the open segments to Parquet, stop the writer."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def seen(self, prediction_id: str) -> bool:
+        """Whether this process has written the prediction (feedback answers 'accepted' vs 'pending')."""
+        with self._recent_lock:
+            return prediction_id in self._recent_ids
+
+    def pop_recent_ids(self) -> set[str]:
+        """Ids written since the last call; the joiner takes them over once it has read them from disk."""
+        with self._recent_lock:
+            ids, self._recent_ids = self._recent_ids, set()
+        return ids
+
+    # -- writer thread -------------------------------------------------------------------------------
+    def _recover_existing(self) -> None:
+        # Roll what a crashed predecessor with this replica id left open, before anything new is written.
+        replica_dir = self.settings.replica_dir
+        if not replica_dir.is_dir():
+            return
+        for model_dir in sorted(p for p in replica_dir.iterdir() if p.is_dir()):
+            writer = self._segment(model_dir.name)
+            if writer.recovery:
+                self.recovery[model_dir.name] = writer.recovery
+
+    def _segment(self, model: str) -> SegmentWriter:
+        writer = self._segments.get(model)
+        if writer is None:
+            s = self.settings
+            writer = SegmentWriter(
+                s.replica_dir / model,
+                PREDICTIONS,
+                max_bytes=s.segment_max_bytes,
+                max_age_s=s.segment_max_age_s,
+                fsync=s.fsync,
+                retention_s=s.retention_s,
+                retention_bytes=s.retention_bytes,
+            )
+            self._segments[model] = writer
+        return writer
+
+    def _run(self) -> None:
+        flush_s = self.settings.flush_ms / 1000.0
+        pending: list[Prediction] = []
+        deadline = 0.0
+        while True:
+            timeout = max(0.0, deadline - time.monotonic()) if pending else min(flush_s, 1.0)
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            control = None
+            if isinstance(item, Prediction):
+                if not pending:
+                    deadline = time.monotonic() + flush_s
+                pending.append(item)
+                control = self._drain_into(pending)
+            elif item is not None:
+                control = item
+            due = len(pending) >= self.settings.flush_records or (pending and time.monotonic() >= deadline)
+            if pending and (due or control is not None):
+                self._write(pending)
+                pending = []
+            if isinstance(control, _Flush):
+                control.done.set()
+            if control is _STOP:
+                for writer in self._segments.values():
+                    writer.close()
+                return
+            if not pending:
+                for writer in self._segments.values():
+                    writer.maybe_roll()
+
+    def _drain_into(self, pending: list[Prediction]) -> object | None:
+        """Take what is already queued, up to a full flush; returns a control item met on the way."""
+        while len(pending) < self.settings.flush_records:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return None
+            if not isinstance(item, Prediction):
+                return item
+            pending.append(item)
+        return None
+
+    def _write(self, records: list[Prediction]) -> None:
+        by_model: dict[str, list[Prediction]] = {}
+        for r in records:
+            by_model.setdefault(r.model, []).append(r)
+        for model, group in by_model.items():
+            try:
+                writer = self._segment(model)
+                writer.append(build_batch(group, self.settings.policy(model), self.settings.replica_id))
+                writer.sync()
+            except Exception:  # a full disk must not kill the writer: count what was lost, keep going
+                log.exception("prediction log: writing %d records of model %s failed", len(group), model)
+                self.write_errors += len(group)
+                continue
+            self.written += len(group)
+            with self._recent_lock:
+                if len(self._recent_ids) > _MAX_RECENT_IDS:  # nobody takes them over: forget, stay bounded
+                    self._recent_ids.clear()
+                self._recent_ids.update(r.id for r in group)
+        self.flushes += 1
+
+
+# -- records -> Arrow ----------------------------------------------------------------------------------
+def build_batch(records: list[Prediction], policy: ModelLogPolicy, replica: str) -> pa.RecordBatch:
+    """One record batch for records of one model; tensors as flattened list columns plus shapes."""
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([r.id for r in records], pa.string()),
+        "model": pa.array([r.model for r in records], pa.string()),
+        "version": pa.array([r.version for r in records], pa.string()),
+        "ts": pa.array([r.ts_ns // 1000 for r in records], pa.timestamp("us", tz="UTC")),
+        "replica": pa.array([replica] * len(records), pa.string()),
+    }
+    if policy.log_inputs:
+        names = _names(r.inputs for r in records)
+        for name in sorted(names - policy.exclude_inputs):
+            _add_tensor(columns, INPUT_PREFIX + name, [r.inputs.get(name) for r in records])
+    if policy.log_outputs:
+        for name in sorted(_names(r.outputs for r in records)):
+            _add_tensor(columns, OUTPUT_PREFIX + name, [r.outputs.get(name) for r in records])
+    return pa.record_batch(columns)
+
+
+def _names(maps: Iterator[Mapping[str, np.ndarray]]) -> set[str]:
+    names: set[str] = set()
+    for m in maps:
+        names.update(m)
+    return names
+
+
+def _add_tensor(columns: dict[str, pa.Array], column: str, arrays: list[np.ndarray | None]) -> None:
+    present = [np.asarray(a) for a in arrays if a is not None]
+    sizes = np.array([0 if a is None else np.size(a) for a in arrays], dtype=np.int64)
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    missing = np.array([a is None for a in arrays]) if len(present) < len(arrays) else None
+    flat = np.concatenate([a.ravel() for a in present]) if present else np.zeros(0, np.float32)
+    mask = None if missing is None else pa.array(missing)
+    columns[column] = pa.LargeListArray.from_arrays(pa.array(offsets), _values(flat), mask=mask)
+    shapes = [[] if a is None else list(np.shape(a)) for a in arrays]
+    columns[column + SHAPE_SUFFIX] = pa.array(shapes, pa.list_(pa.int64()), mask=missing)
+
+
+def _values(flat: np.ndarray) -> pa.Array:
+    if flat.dtype.kind in "OSU":  # BYTES tensors: numpy object arrays of bytes (or str)
+        return pa.array([v if isinstance(v, bytes) else str(v).encode() for v in flat], pa.binary())
+    return pa.array(flat)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+class PredLogCollector(Collector):
+    """The log's counters, read at scrape time (registered on the server's own registry)."""
+
+    def __init__(self, log_: PredictionLog) -> None:
+        self._log = log_
+
+    def collect(self) -> Iterator[Metric]:
+        p = self._log
+        for name, doc, value in (
+            ("onnxgate_predlog_records_written", "Predictions written to the log", p.written),
+            ("onnxgate_predlog_records_dropped", "Predictions dropped because the log queue was full", p.dropped),
+            ("onnxgate_predlog_records_sampled_out", "Predictions not logged by sampling", p.sampled_out),
+            ("onnxgate_predlog_write_errors", "Predictions lost to write errors", p.write_errors),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "onnxgate_predlog_queue_depth", "Predictions waiting for the writer", value=p.queue_depth()
+        )
+
+
+def model_dirs(log_dir: Path, models: Collection[str] | None = None) -> Iterator[Path]:
+    """Every replica's directory of every (or the named) model, for readers."""
+    if not log_dir.is_dir():
+        return
+    for replica in sorted(p for p in log_dir.iterdir() if p.is_dir()):
+        for model_dir in sorted(p for p in replica.iterdir() if p.is_dir()):
+            if models is None or model_dir.name in models:
+                yield model_dir
+
+
+Recorder = Callable[[str, str, str, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
