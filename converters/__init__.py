@@ -1,0 +1,249 @@
+"""Models from every training ecosystem become validated ONNX versions of a model repository.
+
+    convert(source, framework)        native file -> Conversion (converters.base)
+    convert_to_repository(...)        convert -> parity check -> publish the next version (or refuse)
+
+`CONVERTERS` maps each framework name to one function `(source, ConvertOptions) -> Conversion`;
+converter modules are imported only when used, so heavy libraries (torch, catboost, ...) load only
+for the models that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import platform
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters import graph, parity, publish, sample
+from converters.base import Conversion, ConversionError, Converter, ConvertOptions, MissingDependency
+
+__all__ = [
+    "ALIASES",
+    "CONVERTERS",
+    "ConversionError",
+    "ConvertOptions",
+    "MissingDependency",
+    "Outcome",
+    "convert",
+    "convert_to_repository",
+    "detect_framework",
+]
+
+
+def _lazy(module: str, function: str = "convert") -> Converter:
+    def run(source: str, options: ConvertOptions) -> Conversion:
+        converter: Converter = getattr(importlib.import_module(f"converters.{module}"), function)
+        return converter(source, options)
+
+    run.__name__ = f"{module}.{function}"
+    return run
+
+
+CONVERTERS: dict[str, Converter] = {
+    "sklearn": _lazy("sklearn"),
+    "xgboost": _lazy("xgboost"),
+    "lightgbm": _lazy("lightgbm"),
+    "catboost": _lazy("catboost"),
+    "torch": _lazy("torch"),
+    "onnx": _lazy("onnxfile"),
+    "pmml": _lazy("pmml"),
+    "rdata": _lazy("rdata"),
+}
+
+ALIASES = {
+    "scikit-learn": "sklearn",
+    "pytorch": "torch",
+    "torchscript": "torch",
+    "r": "rdata",
+    "rds": "rdata",
+    "lgbm": "lightgbm",
+    "xgb": "xgboost",
+}
+
+_SUFFIXES = {
+    ".pkl": "sklearn",
+    ".pickle": "sklearn",
+    ".joblib": "sklearn",
+    ".ubj": "xgboost",
+    ".cbm": "catboost",
+    ".onnx": "onnx",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".torchscript": "torch",
+    ".pmml": "pmml",
+    ".rds": "rdata",
+    ".rdata": "rdata",
+    ".rda": "rdata",
+}
+
+
+def _sniff(path: Path) -> str | None:
+    """The framework a file's first bytes reveal, for suffixes that do not say (.json, .txt, .model, ...)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    text = head.lstrip()
+    if head.startswith(b"CBM1"):
+        return "catboost"
+    if text.startswith(b"tree\n") and b"version=" in head:
+        return "lightgbm"
+    if text.startswith(b"{") and b'"learner"' in head:
+        return "xgboost"
+    if text.startswith(b"<") and b"<PMML" in head:
+        return "pmml"
+    if head.startswith((b"RDX2", b"RDX3", b"X\n", b"\x1f\x8b")):
+        return "rdata"  # R's serialisation (saveRDS writes it gzip-compressed by default)
+    if head.startswith(b"PK") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith(("/constants.pkl", "/data.pkl")) for n in archive.namelist()):
+                return "torch"
+    if head[:1] == b"\x80":
+        return "sklearn"  # a pickle (protocol 2+)
+    return None
+
+
+def detect_framework(source: str) -> str:
+    """The framework of `source`, from its suffix or its contents; `module:attr` is a PyTorch module."""
+    path = Path(source)
+    if not path.exists():
+        if ":" in source and not source.startswith(("/", ".")):
+            return "torch"
+        raise ConversionError(f"{source!r} does not exist")
+    if path.is_dir():
+        raise ConversionError(f"{source!r} is a directory; give the model file itself")
+    by_suffix = _SUFFIXES.get(path.suffix.lower())
+    if by_suffix is not None:
+        return by_suffix
+    sniffed = _sniff(path)
+    if sniffed is None:
+        raise ConversionError(
+            f"cannot tell which framework wrote {path.name!r}; pass --framework (one of {', '.join(CONVERTERS)})"
+        )
+    return sniffed
+
+
+def _framework(name: str) -> str:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in CONVERTERS:
+        raise ConversionError(f"unknown framework {name!r}; supported: {', '.join(CONVERTERS)}")
+    return key
+
+
+def convert(source: str | Path, framework: str | None = None, options: ConvertOptions | None = None) -> Conversion:
+    """Convert one native model to ONNX with its serving signature (no parity check, nothing written)."""
+    source = str(source)
+    key = _framework(framework) if framework else detect_framework(source)
+    if Path(source).is_file() and Path(source).stat().st_size == 0:
+        raise ConversionError(f"{source!r} is empty")
+    return CONVERTERS[key](source, options or ConvertOptions())
+
+
+def source_hash(source: str) -> str:
+    """sha256 of the source file (or, for `module:attr`, of the module's file when there is one)."""
+    path = Path(source)
+    if not path.is_file():
+        module = sys.modules.get(source.split(":", 1)[0])
+        file = getattr(module, "__file__", None)
+        if not file:
+            return ""
+        path = Path(file)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _versions(conversion: Conversion) -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("onnxgate", "numpy", "onnx", "onnxruntime"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    found.update(conversion.library_versions)
+    return found
+
+
+@dataclass
+class Outcome:
+    """What `convert_to_repository` did: the report always, the version directory when published."""
+
+    published: Path | None
+    report: dict[str, Any]
+    parity: parity.ParityReport
+
+
+def _report(source: str, conversion: Conversion, check: parity.ParityReport) -> dict[str, Any]:
+    return {
+        "status": "published" if check.passed else "refused",
+        "source": Path(source).name if Path(source).exists() else source,
+        "source_hash": source_hash(source),
+        "framework": conversion.framework,
+        "task": conversion.task,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "inputs": publish.signature(conversion.inputs),
+        "outputs": publish.signature(conversion.outputs),
+        "labels": conversion.labels,
+        "opsets": graph.opsets(conversion.model),
+        "library_versions": _versions(conversion),
+        "parity": check.to_dict(),
+        "notes": conversion.notes,
+    }
+
+
+Progress = Callable[[str], None]
+
+
+def convert_to_repository(
+    source: str | Path,
+    repository: str | Path,
+    name: str,
+    framework: str | None = None,
+    *,
+    sample_path: str | Path | None = None,
+    rows: int = sample.DEFAULT_ROWS,
+    tolerance: parity.Tolerance | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Convert, check parity, and publish the next version of `name` - or refuse and publish nothing.
+
+    Raises ConversionError when the model cannot be converted at all; a parity failure is not an
+    exception but an Outcome with `published` None and the report saying where values differ.
+    """
+    say = progress or (lambda _stage: None)
+    source = str(source)
+    options = ConvertOptions(sample_path=str(sample_path) if sample_path else None, input_shape=input_shape)
+    say("convert: loading and converting the model")
+    conversion = convert(source, framework, options)
+    say("parity: running the original model and onnxruntime on sample rows")
+    if sample_path:
+        sample_rows = sample.read_file(sample_path, conversion.inputs)
+        origin = f"user file {Path(sample_path).name}"
+    else:
+        sample_rows = sample.from_signature(conversion, rows, np.random.default_rng(seed))
+        origin = f"generated from the model's signature (seed {seed})"
+    sample.row_count(sample_rows)
+    check = parity.check(conversion, sample_rows, origin, tolerance)
+    report = _report(source, conversion, check)
+    if not check.passed:
+        return Outcome(None, report, check)
+    say("publish: writing the version directory")
+    directory = publish.publish(repository, name, conversion, report)
+    return Outcome(directory, report, check)
+
+
+def report_json(outcome: Outcome) -> str:
+    return json.dumps(outcome.report, indent=2, sort_keys=True)

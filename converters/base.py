@@ -62,3 +62,21 @@ class ConversionError(Exception):
 class MissingDependency(ConversionError):
     def __init__(self, package: str, extra: str) -> None:
         super().__init__(f"converting this model needs the Python package {package!r}: pip install 'onnxgate[{extra}]'")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What a user may tell a converter beyond the source itself (all optional).
+
+    `sample_path`: the user's sample rows (CSV, Parquet, .npy, .npz); converters that cannot learn
+    the input shape from the model (a TorchScript file) may read its shape from there.
+    `input_shape`: the shape of one row, for sources that do not record it (PyTorch modules).
+    """
+
+    sample_path: str | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+# Every converter module exposes one function of this type; `converters.CONVERTERS` maps framework
+# names to them. `source` is a path, or for PyTorch also a `module:attr` reference.
+Converter = Callable[[str, ConvertOptions], Conversion]

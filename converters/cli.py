@@ -1,0 +1,106 @@
+"""`onnxgate convert`: one native model file -> one validated, published version.
+
+The gateway's CLI wires its `convert` sub-command to `configure_parser` and `run`; `python -m
+converters.cli` runs the same thing on its own. Exit codes: 0 published, 1 refused by the parity
+check (nothing written), 2 cannot convert (unsupported, corrupt, missing dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import converters
+from converters import parity, sample
+
+EXIT_PUBLISHED = 0
+EXIT_REFUSED = 1
+EXIT_ERROR = 2
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected sizes such as 3,32,32") from None
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="model file, or module:attr for a PyTorch module")
+    parser.add_argument(
+        "--framework",
+        choices=sorted([*converters.CONVERTERS, *converters.ALIASES]),
+        help="what wrote the source (default: from its suffix or contents)",
+    )
+    parser.add_argument("--model-repository", required=True, type=Path, help="the gateway's model repository")
+    parser.add_argument("--name", required=True, help="model name: the version goes to REPOSITORY/NAME/N")
+    parser.add_argument("--sample", type=Path, help="rows for the parity check: .csv, .parquet, .npy or .npz")
+    parser.add_argument("--rows", type=int, default=sample.DEFAULT_ROWS, help="generated rows when no --sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
+    parser.add_argument("--atol", type=float, default=parity.Tolerance.atol, help="absolute tolerance")
+    parser.add_argument(
+        "--rtol", type=float, default=parity.Tolerance.rtol, help="relative tolerance for regression values"
+    )
+    parser.add_argument("--input-shape", type=_shape, help="one row's shape for PyTorch sources, e.g. 3,32,32")
+    parser.add_argument("--report", type=Path, help="also write the conversion report (JSON) here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+class _Progress:
+    """One stderr line per stage, with the time the previous stage took."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def __call__(self, stage: str) -> None:
+        now = time.monotonic()
+        if not self.quiet:
+            print(f"[{now - self.started:6.1f}s] {stage}", file=sys.stderr, flush=True)
+        self.last = now
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = _Progress(args.quiet)
+    try:
+        outcome = converters.convert_to_repository(
+            args.source,
+            args.model_repository,
+            args.name,
+            args.framework,
+            sample_path=args.sample,
+            rows=args.rows,
+            tolerance=parity.Tolerance(atol=args.atol, rtol=args.rtol),
+            input_shape=args.input_shape,
+            seed=args.seed,
+            progress=progress,
+        )
+    except converters.ConversionError as error:
+        print(f"onnxgate convert: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.report:
+        args.report.write_text(converters.report_json(outcome) + "\n")
+    print(outcome.parity.summary(), file=sys.stderr)
+    if outcome.published is None:
+        print(
+            f"onnxgate convert: refused - the ONNX model does not match the original; nothing was published"
+            f"{'' if args.report else ' (--report FILE keeps the full report)'}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    progress(f"done: published {outcome.published}")
+    print(outcome.published)
+    return EXIT_PUBLISHED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onnxgate convert", description=__doc__)
+    configure_parser(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Write a converted model as the next version of `<repository>/<name>/`, atomically.
+
+Everything is written into a hidden directory beside the versions (`.tmp-<uuid>`, which the gateway
+ignores because its name is not a number), flushed to disk, then renamed to the version number in
+one `rename(2)`: a gateway polling the repository sees either no new version or a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+
+from converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, TensorSpec
+from server.pb import model_config_pb2
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.pbtxt"
+REPORT_FILE = "report.json"
+LABELS_FILE = "labels.txt"
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_RENAME_ATTEMPTS = 20
+
+
+def _data_type(datatype: str) -> int:
+    # Triton names BYTES tensors TYPE_STRING; every other datatype keeps its name after TYPE_
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    return int(model_config_pb2.DataType.Value(name))
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(model_dir: Path) -> int:
+    existing = versions(model_dir)
+    return existing[-1] + 1 if existing else 1
+
+
+def model_config(name: str, conversion: Conversion, report: dict[str, Any]) -> model_config_pb2.ModelConfig:
+    """The version's ModelConfig: full shapes with -1 batch dimensions, so max_batch_size is 0."""
+    config = model_config_pb2.ModelConfig(
+        name=name,
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        max_batch_size=0,
+        default_model_filename=MODEL_FILE,
+    )
+    for spec in conversion.inputs:
+        config.input.add(name=spec.name, data_type=_data_type(spec.datatype), dims=list(spec.shape))
+    for spec in conversion.outputs:
+        output = config.output.add(name=spec.name, data_type=_data_type(spec.datatype), dims=list(spec.shape))
+        if conversion.labels and spec.name in (LABEL, PROBABILITIES):
+            output.label_filename = LABELS_FILE
+    config.parameters["conversion_report"].string_value = json.dumps(report, sort_keys=True)
+    config.parameters["framework"].string_value = conversion.framework
+    config.parameters["task"].string_value = conversion.task
+    return config
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_version_files(directory: Path, name: str, conversion: Conversion, report: dict[str, Any]) -> None:
+    _write(directory / CONFIG_FILE, text_format.MessageToString(model_config(name, conversion, report)).encode())
+    _write(directory / REPORT_FILE, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    _fsync_dir(directory)
+
+
+def signature(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
+
+
+def publish(repository: str | Path, name: str, conversion: Conversion, report: dict[str, Any]) -> Path:
+    """Write `conversion` as the next version of model `name`; returns the version directory.
+
+    `report` is stored as report.json and in the config's parameters; its "version" is set here.
+    """
+    if not _NAME.match(name):
+        raise ConversionError(f"model name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.'")
+    model_dir = Path(repository) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".tmp-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        _write(staging / MODEL_FILE, conversion.model.SerializeToString())
+        if conversion.labels:
+            _write(staging / LABELS_FILE, "".join(f"{label}\n" for label in conversion.labels).encode())
+        for _ in range(_RENAME_ATTEMPTS):
+            version = next_version(model_dir)
+            report["version"] = version
+            # rewritten per attempt: the report names the version it was published as
+            _write_version_files(staging, name, conversion, report)
+            target = model_dir / str(version)
+            if target.exists():
+                continue  # another publisher took this number meanwhile
+            try:
+                os.rename(staging, target)
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            _fsync_dir(model_dir)
+            return target
+        raise ConversionError(f"could not claim a version number in {model_dir} after {_RENAME_ATTEMPTS} attempts")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

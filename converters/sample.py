@@ -1,0 +1,190 @@
+"""Sample rows for the parity check: the user's file, or rows made up from the model's signature.
+
+Made-up rows matter as much as real ones: tree ensembles are compared on values between their split
+thresholds (read from the converted graph), so every branch is taken and no row sits exactly on a
+threshold, where float32 and float64 comparisons may legitimately disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from converters.base import Conversion, ConversionError, Rows, TensorSpec
+
+DEFAULT_ROWS = 256
+
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "BOOL": np.bool_,
+}
+
+_TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
+
+
+def as_datatype(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """`values` cast to what onnxruntime expects for `spec` (BYTES: an object array of str)."""
+    if spec.datatype == "BYTES":
+        flat = [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+        return np.array(flat, dtype=object).reshape(values.shape)
+    try:
+        return values.astype(_NUMPY_TYPES[spec.datatype])
+    except KeyError:
+        raise ConversionError(f"input {spec.name!r}: no sample rows for datatype {spec.datatype}") from None
+    except ValueError as error:
+        raise ConversionError(f"input {spec.name!r}: sample values are not {spec.datatype}: {error}") from error
+
+
+def _row_shape(spec: TensorSpec) -> tuple[int, ...]:
+    rest = spec.shape[1:]
+    if any(d < 0 for d in rest):
+        raise ConversionError(
+            f"input {spec.name!r} has shape {list(spec.shape)} with a free non-batch dimension:"
+            " sample rows cannot be made up for it; pass --sample FILE"
+        )
+    return rest
+
+
+def _random_values(spec: TensorSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    shape = (n, *_row_shape(spec))
+    if spec.datatype.startswith(("FP", "BF")):
+        return as_datatype(rng.normal(size=shape), spec)
+    if spec.datatype.startswith(("INT", "UINT")):
+        return as_datatype(rng.integers(0, 10, size=shape), spec)
+    if spec.datatype == "BOOL":
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if spec.datatype == "BYTES":
+        return np.array([f"s{v}" for v in rng.integers(0, 5, size=shape).reshape(-1)], dtype=object).reshape(shape)
+    raise ConversionError(f"input {spec.name!r}: no sample rows for datatype {spec.datatype}")
+
+
+def tree_thresholds(model: onnx.ModelProto, input_name: str) -> dict[int, np.ndarray]:
+    """Split thresholds per feature of the tree ensembles that read `input_name` (directly or via Cast)."""
+    feeds = {input_name}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.input[0] in feeds:
+            feeds.update(node.output)
+    found: dict[int, list[float]] = {}
+    for node in model.graph.node:
+        if node.op_type not in _TREE_OPS or node.input[0] not in feeds:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        features = attrs.get("nodes_featureids", [])
+        modes = attrs.get("nodes_modes", [])
+        values = attrs.get("nodes_values")
+        if values is None and "nodes_values_as_tensor" in attrs:
+            values = onnx.numpy_helper.to_array(attrs["nodes_values_as_tensor"]).tolist()
+        for feature, mode, value in zip(features, modes, values or [], strict=False):
+            if mode != b"LEAF":
+                found.setdefault(int(feature), []).append(float(value))
+    return {f: np.unique(np.asarray(v, dtype=np.float32)) for f, v in found.items()}
+
+
+def _between_thresholds(thresholds: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    # midpoints between neighbouring thresholds, and one value beyond each end: every branch is
+    # reachable and no value equals a threshold
+    t = thresholds.astype(np.float64)
+    spread = max(float(t[-1] - t[0]), 1.0)
+    candidates = np.concatenate([[t[0] - 0.1 * spread], (t[:-1] + t[1:]) / 2, [t[-1] + 0.1 * spread]])
+    return rng.choice(candidates, size=n)
+
+
+def from_signature(conversion: Conversion, n: int, rng: np.random.Generator) -> Rows:
+    """Rows made up from the converter's knowledge of its inputs, else from the signature alone."""
+    if conversion.make_sample is not None:
+        return conversion.make_sample(n, rng)
+    rows: Rows = {}
+    for spec in conversion.inputs:
+        values = _random_values(spec, n, rng)
+        if spec.datatype in ("FP32", "FP64") and len(spec.shape) == 2:
+            for feature, thresholds in tree_thresholds(conversion.model, spec.name).items():
+                if feature < values.shape[1] and thresholds.size:
+                    values[:, feature] = _between_thresholds(thresholds, n, rng)
+        rows[spec.name] = values
+    return rows
+
+
+def read_file(path: str | Path, inputs: list[TensorSpec]) -> Rows:
+    """The user's sample rows: CSV or Parquet (columns), .npy (one array), .npz (one array per input)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"sample file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _from_arrays({inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else {}, inputs, path)
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return _from_arrays({k: archive[k] for k in archive.files}, inputs, path)
+    if suffix in (".csv", ".parquet", ".pq"):
+        return _from_columns(_read_table(path), inputs, path)
+    raise ConversionError(f"sample file {path.name!r}: expected .csv, .parquet, .npy or .npz")
+
+
+def _read_table(path: Path) -> dict[str, np.ndarray]:
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path) if path.suffix.lower() != ".csv" else pyarrow.csv.read_csv(path)
+    except Exception as error:  # pyarrow raises several unrelated types for unreadable files
+        raise ConversionError(f"sample file {path.name!r} cannot be read: {error}") from error
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _from_columns(columns: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path) -> Rows:
+    if len(inputs) == 1 and inputs[0].name not in columns:
+        # one tensor input: every column is one feature, in file order
+        spec = inputs[0]
+        width = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
+        if len(columns) != width:
+            raise ConversionError(
+                f"sample file {path.name!r} has {len(columns)} columns; input {spec.name!r} has shape"
+                f" {list(spec.shape)}, so {width} columns are expected"
+            )
+        matrix = np.stack([np.asarray(c) for c in columns.values()], axis=1)
+        return {spec.name: as_datatype(matrix.reshape((-1, *spec.shape[1:])), spec)}
+    missing = [s.name for s in inputs if s.name not in columns]
+    if missing:
+        raise ConversionError(f"sample file {path.name!r} lacks columns for inputs {missing}")
+    return {s.name: as_datatype(np.asarray(columns[s.name]).reshape((-1, *s.shape[1:])), s) for s in inputs}
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path) -> Rows:
+    missing = [s.name for s in inputs if s.name not in arrays]
+    if missing:
+        raise ConversionError(
+            f"sample file {path.name!r} lacks arrays for inputs {missing} (a .npy file feeds a model with one"
+            " input; use .npz with one array per input name otherwise)"
+        )
+    rows: Rows = {}
+    for spec in inputs:
+        values = arrays[spec.name]
+        if values.ndim == len(spec.shape) - 1:
+            values = values.reshape((1, *values.shape))  # a single row
+        if values.ndim != len(spec.shape) or any(
+            want >= 0 and got != want for got, want in zip(values.shape[1:], spec.shape[1:], strict=True)
+        ):
+            raise ConversionError(
+                f"sample array {spec.name!r} has shape {list(values.shape)}, input expects {list(spec.shape)}"
+            )
+        rows[spec.name] = as_datatype(values, spec)
+    return rows
+
+
+def row_count(rows: Rows) -> int:
+    counts = {len(v) for v in rows.values()}
+    if len(counts) != 1:
+        raise ConversionError(f"sample inputs have different row counts: {sorted(counts)}")
+    return counts.pop()
