@@ -1,0 +1,121 @@
+"""The gateway's lifecycle: build the gRPC server, load the repository, serve, drain, stop.
+
+gateway = Gateway(settings, repository_root)
+await gateway.start()          # binds, loads models, then reports ready
+await gateway.stop()           # NOT_SERVING, refuse new work, let in-flight requests finish
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
+
+from server.config import Settings
+from server.metrics import GatewayCollector, serve_metrics
+from server.pb import grpc_service_pb2 as pb
+from server.pb import grpc_service_pb2_grpc as pb_grpc
+from server.pb.pool import POOL
+from server.repository import Repository
+from server.service import InferenceServicer, State
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class Gateway:
+    def __init__(self, settings: Settings, repository_root: Path) -> None:
+        self.settings = settings
+        self.state = State(settings.max_inflight)
+        self.executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="onnxgate-infer")
+        self.repository = Repository(
+            repository_root,
+            self.executor,
+            control_mode=settings.model_control_mode,
+            intra_op_threads=settings.ort_intra_op_threads,
+            default_max_batch_size=settings.default_max_batch_size,
+        )
+        self.registry = CollectorRegistry()
+        self.registry.register(GatewayCollector(self.repository, self.state))
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: WSGIServer | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(self.repository, self.state), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        _add_to_pool(health_pb2)
+        _add_to_pool(reflection_pb2)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=POOL
+        )
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
+        await self.server.start()
+        if s.metrics_port >= 0:
+            self._metrics_server, self.metrics_port = serve_metrics(self.registry, s.host, s.metrics_port)
+        # bind first, then load: liveness answers while a large repository loads, readiness waits
+        if s.model_control_mode == "explicit":
+            await self.repository.load_all(list(s.load_model))
+        else:
+            await self.repository.load_all()
+        if s.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self.repository.poll_forever(s.poll_interval_s))
+        self.state.ready = True
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving gRPC on %s (metrics port %s)", self.address, self.metrics_port or "off")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()
+
+
+def _add_to_pool(module: object) -> None:
+    # reflection answers from onnxgate's pool (see proto/generate.py); the health service's
+    # descriptors live in protobuf's default pool, so copy its file in for grpcurl and friends
+    descriptor = module.DESCRIPTOR  # type: ignore[attr-defined]
+    try:
+        POOL.FindFileByName(descriptor.name)
+    except KeyError:
+        POOL.AddSerializedFile(descriptor.serialized_pb)

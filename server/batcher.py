@@ -1,0 +1,140 @@
+"""Dynamic batching: requests that arrive within a short window run as one onnxruntime call.
+
+The window opens with the first queued request (never on a free-running wall-clock timer) and
+closes after `max_delay_s` or as soon as `max_batch_size` rows are waiting. Requests are only
+concatenated with others of the same non-batch shapes, dtypes and requested outputs; the outputs
+are split back by each request's row count, after checking the model returned one row per input row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import GatewayError, Internal
+
+Tensors = dict[str, np.ndarray]
+RunBatch = Callable[[Tensors, Sequence[str]], Tensors]
+
+
+@dataclass
+class Result:
+    outputs: Tensors
+    queue_ns: int
+    infer_ns: int
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    inputs: Tensors
+    outputs: tuple[str, ...]
+    rows: int
+    enqueued_ns: int
+    future: asyncio.Future[Result] = field(repr=False)
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        shapes = tuple((name, a.shape[1:], a.dtype.str) for name, a in sorted(self.inputs.items()))
+        return (shapes, self.outputs)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        max_delay_s: float,
+        executor: Executor,
+        on_execution: Callable[[int, int], None],
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._executor = executor
+        self._on_execution = on_execution  # (batch rows, infer ns), called on the loop's thread
+        self._pending: list[_Item] = []
+        self._pending_rows = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    async def submit(self, inputs: Tensors, outputs: Sequence[str], rows: int) -> Result:
+        loop = asyncio.get_running_loop()
+        item = _Item(inputs, tuple(outputs), rows, time.monotonic_ns(), loop.create_future())
+        self._pending.append(item)
+        self._pending_rows += rows
+        if self._pending_rows >= self.max_batch_size:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay_s, self._flush)
+        return await item.future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        groups: dict[tuple[object, ...], list[_Item]] = {}
+        for item in pending:
+            if not item.future.cancelled():
+                groups.setdefault(item.key, []).append(item)
+        for items in groups.values():
+            chunk: list[_Item] = []
+            rows = 0
+            for item in items:
+                if chunk and rows + item.rows > self.max_batch_size:
+                    self._start(chunk)
+                    chunk, rows = [], 0
+                chunk.append(item)
+                rows += item.rows
+            self._start(chunk)
+
+    def _start(self, items: list[_Item]) -> None:
+        task = asyncio.ensure_future(self._execute(items))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.monotonic_ns()
+        try:
+            outputs, infer_ns = await loop.run_in_executor(self._executor, self._run, items)
+        except BaseException as e:  # every waiting request must hear about it
+            error = e if isinstance(e, GatewayError) else Internal(f"batched run failed: {e}")
+            if not isinstance(e, GatewayError):
+                error.__cause__ = e
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        rows = sum(i.rows for i in items)
+        self._on_execution(rows, infer_ns)
+        offset = 0
+        for item in items:
+            part = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
+            offset += item.rows
+            if not item.future.done():
+                item.future.set_result(Result(part, start - item.enqueued_ns, infer_ns, rows))
+
+    def _run(self, items: list[_Item]) -> tuple[Tensors, int]:
+        first = items[0]
+        if len(items) == 1:
+            inputs = first.inputs
+        else:
+            inputs = {name: np.concatenate([i.inputs[name] for i in items]) for name in first.inputs}
+        t0 = time.monotonic_ns()
+        outputs = self._run_batch(inputs, first.outputs)
+        infer_ns = time.monotonic_ns() - t0
+        rows = sum(i.rows for i in items)
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != rows:
+                raise Internal(
+                    f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows: the model does not "
+                    "return one row per input row, so it cannot be batched; remove dynamic_batching from its config"
+                )
+        return outputs, infer_ns

@@ -1,0 +1,112 @@
+"""The `onnxgate` command: serve, convert, dataset."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.config import FIELDS, Settings, SettingsError, env_name, load_settings
+
+log = logging.getLogger("onnxgate")
+
+DEFAULT_EXAMPLE_DIR = Path.home() / ".cache" / "onnxgate" / "example-repository"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="onnxgate", description="Polyglot model-serving gateway (Open Inference Protocol v2 over gRPC)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model repository over gRPC", argument_default=argparse.SUPPRESS)
+    serve.add_argument("--config", type=Path, help="TOML settings file (keys as the flags, with underscores)")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(name)}; default {f.default!r}]"
+        if f.type in ("bool",):
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif name == "load_model":
+            serve.add_argument(flag, action="append", help=help_text)
+        else:
+            serve.add_argument(flag, help=help_text)
+    _add_optional(sub, "convert", "converters.cli", "convert a model to ONNX, check parity, publish a version")
+    _add_optional(sub, "dataset", "server.dataset", "export joined predictions and feedback")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(vars(args))
+    return int(args.run(args))
+
+
+def _add_optional(sub: Any, name: str, module: str, help_text: str) -> None:
+    """Subcommands whose modules are optional parts (they bring heavier dependencies)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    configure = getattr(mod, "configure_parser", None)
+    if configure is None:
+        return
+    parser = sub.add_parser(name, help=help_text)
+    configure(parser)
+    parser.set_defaults(run=mod.run)
+
+
+def _serve(args: dict[str, Any]) -> int:
+    args.pop("command")
+    config_file = args.pop("config", None)
+    try:
+        settings = load_settings(config_file, flags=args)
+    except SettingsError as e:
+        print(f"onnxgate: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    root = settings.model_repository
+    if settings.example:
+        from server.example import ensure_example_repository
+
+        root = ensure_example_repository(root or DEFAULT_EXAMPLE_DIR)
+        settings = dataclasses.replace(settings, model_repository=root)
+    assert root is not None
+    if not root.is_dir():
+        print(f"onnxgate: model repository {root} is not a directory", file=sys.stderr)
+        return 2
+    return asyncio.run(_run(settings, root))
+
+
+async def _run(settings: Settings, root: Path) -> int:
+    from server.app import Gateway
+
+    gateway = Gateway(settings, root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except OSError as e:
+        print(f"onnxgate: {e}", file=sys.stderr)
+        await gateway.stop(0)
+        return 1
+    # one machine-readable line: tests and scripts started with --grpc-port 0 read the port from it
+    print(
+        f"onnxgate: serving gRPC on {gateway.address} metrics on {gateway.metrics_port or 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace_s)
+    await gateway.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

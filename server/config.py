@@ -1,0 +1,161 @@
+"""One frozen, typed settings object, from defaults < config file (TOML) < ONNXGATE_* env < CLI flags.
+
+Every setting is declared once in `Settings`; the CLI flags and environment variable names are
+derived from the field names (`grpc_port` -> `--grpc-port`, `ONNXGATE_GRPC_PORT`), and values from
+every source are converted and checked by the same code, so a bad value gets the same clear error
+wherever it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONTROL_MODES = ("none", "poll", "explicit")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(Exception):
+    """A setting with a bad value; the message names the setting, its source and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repository: Path | None = field(default=None, metadata={"help": "model repository directory"})
+    example: bool = field(
+        default=False, metadata={"help": "build (if absent) and serve the embedded example repository"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 in a container)"})
+    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0: any free port, -1: off)"})
+    model_control_mode: str = field(
+        default="none",
+        metadata={"help": "none: load all at start; poll: also watch the repository; explicit: load/unload by RPC"},
+    )
+    poll_interval_s: float = field(default=5.0, metadata={"help": "seconds between repository scans in poll mode"})
+    load_model: tuple[str, ...] = field(
+        default=(), metadata={"help": "models to load at start in explicit mode (repeatable)"}
+    )
+    max_message_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={"help": "largest gRPC message accepted or sent"}
+    )
+    max_inflight: int = field(default=1024, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
+    inference_threads: int = field(default=0, metadata={"help": "threads running onnxruntime (0: one per core)"})
+    ort_intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads inside one run"})
+    default_max_batch_size: int = field(
+        default=1024, metadata={"help": "max_batch_size given to batchable models without config"}
+    )
+    shutdown_grace_s: float = field(
+        default=10.0, metadata={"help": "seconds in-flight requests get to finish on shutdown"}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model_control_mode in CONTROL_MODES,
+            "model_control_mode",
+            self.model_control_mode,
+            f"one of {', '.join(CONTROL_MODES)}",
+        )
+        _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"one of {', '.join(LOG_LEVELS)}")
+        _check(0 <= self.grpc_port <= 65535, "grpc_port", self.grpc_port, "a port number 0-65535")
+        _check(
+            -1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "a port number 0-65535, or -1 for off"
+        )
+        _check(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "a positive number of seconds")
+        _check(self.max_message_bytes >= 4096, "max_message_bytes", self.max_message_bytes, "at least 4096")
+        _check(self.max_inflight >= 1, "max_inflight", self.max_inflight, "at least 1")
+        _check(self.inference_threads >= 0, "inference_threads", self.inference_threads, "0 or more")
+        _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")
+        _check(self.default_max_batch_size >= 0, "default_max_batch_size", self.default_max_batch_size, "0 or more")
+        _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "0 or more seconds")
+        if self.model_repository is None and not self.example:
+            raise SettingsError(
+                "no model repository: pass --model-repository DIR (or ONNXGATE_MODEL_REPOSITORY), or --example"
+            )
+
+    @property
+    def threads(self) -> int:
+        return self.inference_threads or os.cpu_count() or 1
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise SettingsError(f"setting {name} = {value!r} is invalid: expected {allowed}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(name: str) -> str:
+    return f"ONNXGATE_{name.upper()}"
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the sources; `flags` holds only the flags given on the command line."""
+    values: dict[str, Any] = {}
+    env = os.environ if env is None else env
+    config_file = config_file or (Path(env["ONNXGATE_CONFIG"]) if env.get("ONNXGATE_CONFIG") else None)
+    if config_file is not None:
+        try:
+            raw = tomllib.loads(config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise SettingsError(f"config file {config_file}: {e}") from e
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            values[name] = _convert(name, value, f"config file {config_file}")
+    for name in FIELDS:
+        if env_name(name) in env:
+            values[name] = _convert(name, env[env_name(name)], f"environment variable {env_name(name)}")
+    for name, value in (flags or {}).items():
+        values[name] = _convert(name, value, f"flag --{name.replace('_', '-')}")
+    try:
+        return Settings(**values)
+    except TypeError as e:
+        raise SettingsError(str(e)) from e
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    if name not in FIELDS:
+        raise SettingsError(f"{source}: unknown setting {name!r}; known settings: {', '.join(FIELDS)}")
+    kind = _base_type(typing.get_type_hints(Settings)[name])
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is tuple:
+            items = value if isinstance(value, list | tuple) else [s for s in str(value).split(",") if s]
+            return tuple(str(s) for s in items)
+        if kind is Path:
+            return Path(value).expanduser()
+        if kind is int and isinstance(value, float | bool):
+            raise ValueError("expected a whole number")
+        return kind(value)
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"{source}: setting {name} = {value!r} is not a valid {kind.__name__}: {e}") from None
+
+
+def _base_type(hint: Any) -> type:
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return _base_type(next(a for a in typing.get_args(hint) if a is not type(None)))
+    if origin is tuple:
+        return tuple
+    return typing.cast(type, hint)

@@ -1,0 +1,74 @@
+"""onnxruntime sessions: load a model file, read its signature, run it.
+
+`InferenceSession.run` releases the GIL and is thread-safe, so one session per version serves all
+concurrent requests from the executor's threads; no worker processes, no per-thread copies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.errors import Internal, InvalidArgument
+from server.modelspec import TensorSpec, onnx_signature
+
+log = logging.getLogger(__name__)
+
+
+class OnnxModel:
+    def __init__(self, path: Path, intra_op_threads: int) -> None:
+        options = ort.SessionOptions()
+        # concurrency comes from the executor's threads; one op thread each avoids oversubscribing cores
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs: list[TensorSpec] = onnx_signature(list(self.session.get_inputs()))
+        self.outputs: list[TensorSpec] = onnx_signature(list(self.session.get_outputs()))
+        self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
+
+    def predict(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        feed = {name: _to_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
+        try:
+            values = self.session.run(list(output_names), feed)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
+            # inputs passed our checks yet the graph refused them (a dimension it fixes internally)
+            raise InvalidArgument(f"the model refused the inputs: {e}") from e
+        except Exception as e:
+            raise Internal(f"onnxruntime failed running {self.path}: {e}") from e
+        return dict(zip(output_names, values, strict=True))
+
+    def warm_up(self) -> None:
+        """One run on zeros, so the first real request does not pay for lazy initialisation."""
+        feed = {}
+        for t in self.inputs:
+            shape = tuple(1 if d < 0 else d for d in t.shape)
+            feed[t.name] = (
+                np.full(shape, "", dtype=object) if t.datatype == "BYTES" else np.zeros(shape, _NUMPY[t.datatype])
+            )
+        self.session.run(None, feed)
+
+
+_NUMPY = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}  # fmt: skip
+
+
+def _to_ort_strings(name: str, array: np.ndarray) -> np.ndarray:
+    # the wire carries bytes; onnxruntime's string tensors take str
+    out = np.empty(array.shape, dtype=object)
+    try:
+        for index, item in np.ndenumerate(array):
+            out[index] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(
+            f"input {name!r}: a BYTES element is not UTF-8 text, which string models need: {e}"
+        ) from e
+    return out

@@ -1,0 +1,240 @@
+"""Tensors on the wire <-> numpy: one datatype table, decode a request, encode a response.
+
+The only module besides `service.py` that touches the protocol's tensor messages. Everything past
+`decode_request` works on numpy arrays; everything before `encode_response` too.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import InvalidArgument
+from server.pb import grpc_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class DataType:
+    name: str  # Open Inference Protocol name
+    numpy: np.dtype | None  # None for BYTES (object arrays of bytes)
+    contents_field: str | None  # InferTensorContents field for typed contents; None: raw only
+    config_enum: int  # Triton's DataType enum in model_config.proto
+    onnx: str  # onnxruntime's type string
+
+
+def _dt(name: str, np_type: str | None, field: str | None, enum: int, onnx: str) -> DataType:
+    return DataType(name, np.dtype(np_type) if np_type else None, field, enum, f"tensor({onnx})")
+
+
+DATATYPES: dict[str, DataType] = {
+    d.name: d
+    for d in (
+        _dt("BOOL", "?", "bool_contents", 1, "bool"),
+        _dt("UINT8", "<u1", "uint_contents", 2, "uint8"),
+        _dt("UINT16", "<u2", "uint_contents", 3, "uint16"),
+        _dt("UINT32", "<u4", "uint_contents", 4, "uint32"),
+        _dt("UINT64", "<u8", "uint64_contents", 5, "uint64"),
+        _dt("INT8", "<i1", "int_contents", 6, "int8"),
+        _dt("INT16", "<i2", "int_contents", 7, "int16"),
+        _dt("INT32", "<i4", "int_contents", 8, "int32"),
+        _dt("INT64", "<i8", "int64_contents", 9, "int64"),
+        _dt("FP16", "<f2", None, 10, "float16"),
+        _dt("FP32", "<f4", "fp32_contents", 11, "float"),
+        _dt("FP64", "<f8", "fp64_contents", 12, "double"),
+        _dt("BYTES", None, "bytes_contents", 13, "string"),
+    )
+}
+BY_ONNX = {d.onnx: d for d in DATATYPES.values()}
+BY_CONFIG_ENUM = {d.config_enum: d for d in DATATYPES.values()}
+BY_NUMPY = {d.numpy: d for d in DATATYPES.values() if d.numpy is not None}
+CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
+
+
+@dataclass
+class InferRequest:
+    id: str
+    model: str
+    version: str
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]  # requested outputs in request order; empty: all of the model's
+    classification: dict[str, int]  # output name -> top-k classes asked for (Triton's extension)
+
+
+def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+    if not request.model_name:
+        raise InvalidArgument("model_name is empty: name the model to run")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: send one per input, "
+            "in input order, or use typed contents for all of them"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input {tensor.name!r} appears twice")
+        dtype = _datatype(tensor.datatype, f"input {tensor.name!r}")
+        shape = _shape(tensor.shape, tensor.name)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(f"input {tensor.name!r} has both raw and typed contents: send one")
+            inputs[tensor.name] = decode_raw(raw[i], dtype, shape, tensor.name)
+        else:
+            inputs[tensor.name] = _decode_typed(tensor.contents, dtype, shape, tensor.name)
+    outputs: list[str] = []
+    classification: dict[str, int] = {}
+    for out in request.outputs:
+        if out.name in outputs:
+            raise InvalidArgument(f"output {out.name!r} requested twice")
+        outputs.append(out.name)
+        if "classification" in out.parameters:
+            k = _int_param(out.parameters["classification"], f"output {out.name!r} parameter 'classification'")
+            if k < 1:
+                raise InvalidArgument(f"output {out.name!r}: classification count must be >= 1, got {k}")
+            classification[out.name] = k
+    return InferRequest(
+        id=request.id or uuid.uuid4().hex,
+        model=request.model_name,
+        version=request.model_version,
+        inputs=inputs,
+        outputs=outputs,
+        classification=classification,
+    )
+
+
+def _datatype(name: str, what: str) -> DataType:
+    dtype = DATATYPES.get(name)
+    if dtype is None:
+        hint = " (BF16 is not supported by onnxruntime's Python API)" if name == "BF16" else ""
+        raise InvalidArgument(f"{what}: unknown datatype {name!r}{hint}; expected one of {', '.join(DATATYPES)}")
+    return dtype
+
+
+def _shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    return tuple(shape)
+
+
+def _int_param(param: pb.InferParameter, what: str) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(param, kind))
+    raise InvalidArgument(f"{what} must be an integer, got {kind}")
+
+
+def decode_raw(data: bytes, dtype: DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = math.prod(shape)
+    if dtype.numpy is None:
+        return _decode_bytes_elements(data, count, name).reshape(shape)
+    expected = count * dtype.numpy.itemsize
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"input {name!r}: raw contents are {len(data)} bytes, but shape {list(shape)} of {dtype.name} "
+            f"needs {expected} ({count} elements x {dtype.numpy.itemsize} bytes)"
+        )
+    array = np.frombuffer(data, dtype=dtype.numpy).reshape(shape)
+    if dtype.name == "BOOL" and count and np.frombuffer(data, dtype=np.uint8).max() > 1:
+        raise InvalidArgument(f"input {name!r}: BOOL elements must be bytes 0 or 1")
+    return array
+
+
+def _decode_bytes_elements(data: bytes, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    view = memoryview(data)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise InvalidArgument(
+                f"input {name!r}: raw BYTES contents end after {i} of {count} elements (each element is a "
+                "4-byte little-endian length followed by that many bytes)"
+            )
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidArgument(
+                f"input {name!r}: BYTES element {i} declares {length} bytes but only {len(view) - offset} remain"
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise InvalidArgument(
+            f"input {name!r}: {len(view) - offset} bytes left over after {count} BYTES elements; check the shape"
+        )
+    return out
+
+
+def _decode_typed(contents: pb.InferTensorContents, dtype: DataType, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if dtype.contents_field is None:
+        raise InvalidArgument(
+            f"input {name!r}: {dtype.name} has no typed contents field; send it in raw_input_contents"
+        )
+    for field in CONTENT_FIELDS:
+        if field != dtype.contents_field and len(getattr(contents, field)):
+            raise InvalidArgument(
+                f"input {name!r}: datatype {dtype.name} expects its data in contents.{dtype.contents_field}, "
+                f"got contents.{field}"
+            )
+    values = getattr(contents, dtype.contents_field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input {name!r}: contents.{dtype.contents_field} has {len(values)} elements, shape {list(shape)} needs {count}"
+        )
+    if dtype.numpy is None:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.array(values, dtype=dtype.numpy).reshape(shape)
+    except OverflowError as e:
+        raise InvalidArgument(f"input {name!r}: a value does not fit {dtype.name}: {e}") from None
+
+
+def encode_raw(array: np.ndarray) -> tuple[str, bytes]:
+    """(datatype, raw bytes) of an output array."""
+    if array.dtype == object or array.dtype.kind in "US":
+        parts = []
+        for item in array.reshape(-1):
+            data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+            parts.append(struct.pack("<I", len(data)))
+            parts.append(data)
+        return "BYTES", b"".join(parts)
+    dtype = BY_NUMPY.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
+    if dtype is None or dtype.numpy is None:
+        raise TypeError(f"no Open Inference Protocol datatype for numpy {array.dtype}")
+    return dtype.name, np.ascontiguousarray(array, dtype=dtype.numpy).tobytes()
+
+
+def encode_response(
+    model: str, version: str, request_id: str, outputs: Mapping[str, np.ndarray]
+) -> pb.ModelInferResponse:
+    tensors = []
+    raws = []
+    for name, array in outputs.items():
+        datatype, raw = encode_raw(array)
+        tensors.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype, shape=array.shape))
+        raws.append(raw)
+    return pb.ModelInferResponse(
+        model_name=model, model_version=version, id=request_id, outputs=tensors, raw_output_contents=raws
+    )
+
+
+def classify(scores: np.ndarray, k: int, labels: Sequence[str] | None) -> np.ndarray:
+    """Triton's classification extension: the top-k classes of each batch row as b"score:index[:label]"."""
+    rows = scores.reshape(1, -1) if scores.ndim <= 1 else scores.reshape(scores.shape[0], -1)
+    k = min(k, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    out = np.empty(top.shape, dtype=object)
+    for r, c in np.ndindex(top.shape):
+        index = int(top[r, c])
+        text = f"{float(rows[r, index]):f}:{index}"
+        if labels is not None and index < len(labels):
+            text += f":{labels[index]}"
+        out[r, c] = text.encode()
+    return out if scores.ndim > 1 else out.reshape(-1)
