@@ -97,8 +97,8 @@ def _sniff(path: Path) -> str | None:
         return "catboost"
     if text.startswith(b"tree\n") and b"version=" in head:
         return "lightgbm"
-    if text.startswith(b"{") and b'"learner"' in head:
-        return "xgboost"
+    if (text.startswith(b"{") and b'"learner"' in head) or head.startswith(b"binf"):
+        return "xgboost"  # JSON, or the legacy binary format (refused with advice by the converter)
     if text.startswith(b"<") and b"<PMML" in head:
         return "pmml"
     if head.startswith((b"RDX2", b"RDX3", b"X\n", b"\x1f\x8b")):

@@ -133,6 +133,19 @@ def _attr_list(node: onnx.NodeProto, name: str) -> list[object]:
     return []
 
 
+def append_softmax(model: onnx.ModelProto, output: str) -> None:
+    """Make graph output `output` the softmax (over axis 1) of what it was."""
+    raw = f"{output}__raw"
+    _rename_everywhere(model.graph, output, raw)
+    for value in model.graph.output:
+        if value.name == raw:
+            value.name = output
+    model.graph.node.append(onnx.helper.make_node("Softmax", [raw], [output], axis=1, name=f"{output}_softmax"))
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        # graphs of ai.onnx.ml operators alone import no default domain; Softmax (13+) needs one
+        model.opset_import.append(onnx.helper.make_opsetid("", 15))
+
+
 def set_batch_dims(model: onnx.ModelProto, trailing: dict[str, tuple[int, ...]] | None = None) -> None:
     """Make the first dimension of every graph input and output symbolic ('batch').
 
