@@ -32,6 +32,7 @@ from converters.base import (
     ConversionError,
     MissingDependency,
     Rows,
+    Task,
     TensorSpec,
 )
 from converters.pmml_compile import compile_model, model_elements, target_name
