@@ -105,25 +105,26 @@ def rename(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
 def strip_zipmap(model: onnx.ModelProto) -> None:
     """Serve probabilities as an FP32 [batch, classes] tensor instead of ZipMap's sequence of maps.
 
-    The ZipMap's input is the probability tensor; the graph output is re-pointed there.
+    The ZipMap's input is the probability tensor; it takes over the ZipMap output's name, so the
+    graph keeps the output names its producer gave it.
     """
     graph = model.graph
-    zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
-    for node in zipmaps:
+    for node in [n for n in graph.node if n.op_type == "ZipMap"]:
         source, target = node.input[0], node.output[0]
+        n_classes = max(len(_attr_list(node, "classlabels_int64s")), len(_attr_list(node, "classlabels_strings")))
         graph.node.remove(node)
-        outputs = [i for i, v in enumerate(graph.output) if v.name == target]
-        for index in outputs:
-            n_classes = max(len(_attr_list(node, "classlabels_int64s")), len(_attr_list(node, "classlabels_strings")))
-            graph.output.remove(graph.output[index])
-            value = onnx.helper.make_tensor_value_info(source, TensorProto.FLOAT, [BATCH, n_classes or None])
-            graph.output.insert(index, value)
-        # the probability tensor may already be a graph output too; keep just one entry
-        names: set[str] = set()
-        for value in list(graph.output):
-            if value.name in names:
+        if any(v.name == source for v in graph.output):
+            # the probability tensor is already served under its own name: just drop the ZipMap output
+            for value in [v for v in graph.output if v.name == target]:
                 graph.output.remove(value)
-            names.add(value.name)
+            continue
+        _rename_everywhere(graph, source, target)
+        for index, value in enumerate(graph.output):
+            if value.name == target:
+                tensor = onnx.helper.make_tensor_value_info(target, TensorProto.FLOAT, [BATCH, n_classes or None])
+                graph.output.remove(value)
+                graph.output.insert(index, tensor)
+                break
 
 
 def _attr_list(node: onnx.NodeProto, name: str) -> list[object]:

@@ -58,7 +58,8 @@ def _row_shape(spec: TensorSpec) -> tuple[int, ...]:
 
 
 def _random_values(spec: TensorSpec, n: int, rng: np.random.Generator) -> np.ndarray:
-    shape = (n, *_row_shape(spec))
+    # a graph made elsewhere may fix its batch size; it then gets exactly that many rows
+    shape = (spec.shape[0] if spec.shape and spec.shape[0] > 0 else n, *_row_shape(spec))
     if spec.datatype.startswith(("FP", "BF")):
         return as_datatype(rng.normal(size=shape), spec)
     if spec.datatype.startswith(("INT", "UINT")):
@@ -148,7 +149,7 @@ def _from_columns(columns: dict[str, np.ndarray], inputs: list[TensorSpec], path
         # one tensor input: every column is one feature, in file order
         spec = inputs[0]
         width = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
-        if len(columns) != width:
+        if width >= 0 and len(columns) != width:  # a free width (-1) takes every column
             raise ConversionError(
                 f"sample file {path.name!r} has {len(columns)} columns; input {spec.name!r} has shape"
                 f" {list(spec.shape)}, so {width} columns are expected"

@@ -47,21 +47,22 @@ def _xgboost() -> Any:
 
 def load(path: Path) -> Any:
     xgboost = _xgboost()
-    suffix = path.suffix.lower()
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    if suffix not in (".json", ".ubj") or not head.lstrip().startswith(b"{"):
+    data = path.read_bytes()
+    if data.startswith(b"binf") or not data.lstrip().startswith(b"{"):
         raise ConversionError(
-            f"{path.name}: not an XGBoost JSON (.json) or UBJSON (.ubj) model. Files in XGBoost's legacy binary"
-            " format (older releases, Debian's xgboost 1.7 command line with model_out=NAME.model) cannot be read"
-            " by xgboost 3.x: re-save the model as JSON (command line: model_out=NAME.json; Python/R: save_model"
+            f"{path.name}: not an XGBoost JSON or UBJSON model. Files in XGBoost's legacy binary format (older"
+            " releases; Debian's xgboost 1.7 command line unless model_out ends in .json) cannot be read by"
+            " xgboost 3.x: re-save the model as JSON (command line: model_out=NAME.json; Python/R: save_model"
             " with a .json file name)"
         )
+    booster = xgboost.Booster()
     try:
-        return xgboost.Booster(model_file=str(path))
+        # from memory, xgboost tells JSON from UBJSON by content, whatever the file is called
+        booster.load_model(bytearray(data))
     except xgboost.core.XGBoostError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
         raise ConversionError(f"{path.name} is not a readable XGBoost model: {first}") from error
+    return booster
 
 
 def _objective(booster: Any) -> tuple[str, int, int]:
