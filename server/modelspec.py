@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,18 @@ def read_config(path: Path) -> mc.ModelConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from e
     try:
-        return text_format.Parse(text, mc.ModelConfig(), allow_unknown_field=True)
+        return text_format.Parse(_colon_before_lists(text), mc.ModelConfig(), allow_unknown_field=True)
     except text_format.ParseError as e:
         raise ConfigError(f"{path}: not a valid ModelConfig in protobuf text format: {e}") from e
+
+
+_STRING_OR_LIST = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|\b([A-Za-z_]\w*)\s*\[""")
+
+
+def _colon_before_lists(text: str) -> str:
+    """`field [ {...} ]` -> `field: [ {...} ]`: the same in text format, but protobuf can skip only the
+    second form when `field` is one onnxgate does not model (Triton configs write the first)."""
+    return _STRING_OR_LIST.sub(lambda m: m.group(1) or f"{m.group(2)}: [", text)
 
 
 def config_from_json(text: str) -> mc.ModelConfig:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from server import __version__
-from server.errors import GatewayError, InvalidArgument, ResourceExhausted, Unavailable
+from server.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted, Unavailable
 from server.modelspec import PLATFORM
 from server.pb import grpc_service_pb2 as pb
 from server.pb import grpc_service_pb2_grpc as pb_grpc
+from server.predlog import Recorder
 from server.repository import Repository
 from server.stats import Duration, VersionStats
 from server.tensors import decode_request, encode_response
@@ -39,6 +41,8 @@ def grpc_errors(method: Handler[R]) -> Handler[R]:
         try:
             return await method(self, request, context)
         except GatewayError as e:
+            if isinstance(e, Internal):
+                log.error("internal error in %s: %s", method.__name__, e.message, exc_info=e)
             await context.abort(e.code, e.message)
         except Exception as e:
             log.exception("internal error in %s", method.__name__)
@@ -61,9 +65,10 @@ class State:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, state: State) -> None:
+    def __init__(self, repository: Repository, state: State, record: Recorder | None = None) -> None:
         self.repository = repository
         self.state = state
+        self.record = record  # PredictionLog.record when the prediction log is on: a non-blocking put
 
     @grpc_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -117,7 +122,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             infer = decode_request(request)
             version = self.repository.get(infer.model, infer.version)
             outputs = await version.infer(infer)
-            return encode_response(infer.model, str(version.version), infer.id, outputs)
+            if self.record is None:
+                return encode_response(infer.model, str(version.version), infer.id, outputs)
+            # feedback is keyed by this id: a request without one gets one, returned in the response
+            request_id = infer.id or uuid.uuid4().hex
+            response = encode_response(infer.model, str(version.version), request_id, outputs)
+            self.record(request_id, infer.model, str(version.version), infer.inputs, outputs)
+            return response
         finally:
             state.inflight -= 1
 
