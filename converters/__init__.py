@@ -41,12 +41,27 @@ __all__ = [
 ]
 
 
-def _lazy(module: str, function: str = "convert") -> Converter:
-    def run(source: str, options: ConvertOptions) -> Conversion:
-        converter: Converter = getattr(importlib.import_module(f"converters.{module}"), function)
-        return converter(source, options)
+def _lazy(module: str) -> Converter:
+    """Import `converters.<module>` on first use and call its converter.
 
-    run.__name__ = f"{module}.{function}"
+    A module exposes `convert(source, options)`, or `convert_<module>(path)` when it needs no options
+    (the PMML and R converters).
+    """
+
+    def run(source: str, options: ConvertOptions) -> Conversion:
+        try:
+            loaded = importlib.import_module(f"converters.{module}")
+        except ModuleNotFoundError as error:
+            if error.name == f"converters.{module}":
+                raise ConversionError(f"this installation of onnxgate has no {module} converter") from error
+            raise MissingDependency(error.name or module, "converters") from error
+        if hasattr(loaded, "convert"):
+            converter: Converter = loaded.convert
+            return converter(source, options)
+        plain: Callable[[Path], Conversion] = getattr(loaded, f"convert_{module}")
+        return plain(Path(source))
+
+    run.__name__ = f"convert_{module}"
     return run
 
 
