@@ -20,16 +20,21 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from server.config import Settings
+from server.feedback import FeedbackServicer, FeedbackStore
+from server.join import Joiner, QualityCollector
 from server.metrics import GatewayCollector, serve_metrics
+from server.pb import feedback_pb2, feedback_pb2_grpc
 from server.pb import grpc_service_pb2 as pb
 from server.pb import grpc_service_pb2_grpc as pb_grpc
 from server.pb.pool import POOL
+from server.predlog import PredictionLog, PredLogCollector
 from server.repository import Repository
 from server.service import InferenceServicer, State
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+FEEDBACK_SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 
 
 class Gateway:
@@ -46,6 +51,18 @@ class Gateway:
         )
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self.repository, self.state))
+        # the prediction log, feedback and their join (server/predlog.py): only with predlog_dir set
+        self.predlog: PredictionLog | None = None
+        self.feedback: FeedbackStore | None = None
+        self.joiner: Joiner | None = None
+        predlog_settings = settings.predlog()
+        if predlog_settings is not None:
+            self.predlog = PredictionLog(predlog_settings)
+            self.joiner = Joiner(predlog_settings.log_dir, interval_s=predlog_settings.join_interval_s,
+                                 unknown_after_s=predlog_settings.unknown_after_s, predlog=self.predlog)
+            self.feedback = FeedbackStore(predlog_settings, known=self.joiner.known)
+            self.registry.register(PredLogCollector(self.predlog))
+            self.registry.register(QualityCollector(self.joiner))
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -66,16 +83,21 @@ class Gateway:
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state), self.server
+            InferenceServicer(self.repository, self.state, self.predlog.record if self.predlog else None), self.server
         )
+        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.feedback is not None and self.joiner is not None:
+            feedback_pb2_grpc.add_FeedbackServicer_to_server(  # type: ignore[no-untyped-call]
+                FeedbackServicer(self.feedback, self.joiner.report), self.server
+            )
+            services.append(FEEDBACK_SERVICE_NAME)
+            self.joiner.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         _add_to_pool(health_pb2)
         _add_to_pool(reflection_pb2)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server, pool=POOL
-        )
+        reflection.enable_server_reflection(services, self.server, pool=POOL)
         self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
@@ -105,6 +127,10 @@ class Gateway:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # after the server stopped: every answered prediction is queued; write it, roll the segments
+        for closable in (self.joiner, self.feedback, self.predlog):
+            if closable is not None:
+                await asyncio.to_thread(closable.close)
 
     async def wait(self) -> None:
         assert self.server is not None

@@ -16,7 +16,10 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.predlog import PredLogSettings
 
 CONTROL_MODES = ("none", "poll", "explicit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -56,6 +59,30 @@ class Settings:
         default=10.0, metadata={"help": "seconds in-flight requests get to finish on shutdown"}
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    # the prediction log and feedback (server/predlog.py): off unless predlog_dir is set
+    predlog_dir: Path | None = field(
+        default=None, metadata={"help": "prediction log directory, shared by replicas (unset: no log, no feedback)"}
+    )
+    predlog_replica_id: str = field(
+        default="", metadata={"help": "this replica's subdirectory of the log (empty: hostname-pid-random)"}
+    )
+    predlog_queue_size: int = field(default=10_000, metadata={"help": "predictions queued for the log before drops"})
+    predlog_flush_records: int = field(default=1_000, metadata={"help": "write the log every N predictions"})
+    predlog_flush_ms: float = field(default=200.0, metadata={"help": "... or T ms after the first unwritten one"})
+    predlog_retention_s: float = field(default=7 * 24 * 3600.0, metadata={"help": "delete log segments older than"})
+    predlog_sample_rate: tuple[str, ...] = field(
+        default=(), metadata={"help": "MODEL=RATE (0-1) fractions of predictions logged; '*' for the default"}
+    )
+    predlog_log: tuple[str, ...] = field(
+        default=(), metadata={"help": "MODEL=inputs|outputs|both: what is logged (default both)"}
+    )
+    predlog_exclude_inputs: tuple[str, ...] = field(
+        default=(), metadata={"help": "MODEL:INPUT inputs never logged (personal data)"}
+    )
+    predlog_join_interval_s: float = field(default=5.0, metadata={"help": "seconds between quality-metric joins"})
+    predlog_unknown_after_s: float = field(
+        default=300.0, metadata={"help": "feedback without its prediction after this long is reported unknown"}
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -76,6 +103,8 @@ class Settings:
         _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")
         _check(self.default_max_batch_size >= 0, "default_max_batch_size", self.default_max_batch_size, "0 or more")
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "0 or more seconds")
+        if self.predlog_dir is not None:
+            self.predlog()  # checks the per-model entries now, with the other settings
         if self.model_repository is None and not self.example:
             raise SettingsError(
                 "no model repository: pass --model-repository DIR (or ONNXGATE_MODEL_REPOSITORY), or --example"
@@ -84,6 +113,17 @@ class Settings:
     @property
     def threads(self) -> int:
         return self.inference_threads or os.cpu_count() or 1
+
+    def predlog(self) -> PredLogSettings | None:
+        """The prediction log's settings; None when it is off."""
+        if self.predlog_dir is None:
+            return None
+        from server.predlog import predlog_settings
+
+        try:
+            return predlog_settings(self)
+        except ValueError as e:
+            raise SettingsError(f"prediction log settings: {e}") from None
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

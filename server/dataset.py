@@ -15,7 +15,10 @@ Written as Parquet, or as CSV when the file name ends in .csv (list columns as J
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -130,3 +133,33 @@ def parse_since(text: str) -> datetime:
     except ValueError:
         t = datetime.fromisoformat(text)
         return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# -- `onnxgate dataset ...` (wired by server/cli.py) ------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dataset_command", required=True)
+    exp = sub.add_parser("export", help="write a model's predictions joined with their feedback (Parquet or CSV)")
+    exp.add_argument("--model", required=True, help="model name")
+    exp.add_argument("--version", help="only predictions of this version")
+    exp.add_argument("--since", type=parse_since, help="only predictions at or after (ISO-8601, or epoch seconds)")
+    exp.add_argument("--out", type=Path, required=True, help="output file: .parquet, or .csv")
+    rep = sub.add_parser("report", help="counts of the join; feedback whose prediction was never found")
+    rep.add_argument("--unknown-after-s", type=float, default=300.0, help="grace period before 'unknown'")
+    for p in (exp, rep):
+        p.add_argument("--log-dir", type=Path, default=os.environ.get("ONNXGATE_PREDLOG_DIR"),
+                       help="the prediction log directory (default: $ONNXGATE_PREDLOG_DIR)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.log_dir is None or not Path(args.log_dir).is_dir():
+        print(f"onnxgate dataset: no prediction log at {args.log_dir} (--log-dir)", file=sys.stderr)
+        return 2
+    if args.dataset_command == "export":
+        n = export(Path(args.log_dir), args.model, args.out, version=args.version, since=args.since)
+        print(f"wrote {n} rows to {args.out}")
+        return 0
+    view = dedupe_feedback(read_feedback(Path(args.log_dir)))
+    j = join(read_predictions(Path(args.log_dir), with_inputs=False), view, unknown_after_s=args.unknown_after_s)
+    print(json.dumps({"predictions": j.predictions, "feedback": view.distinct, "duplicates": view.duplicates,
+                      "joined": len(j.rows), "pending": j.pending, "unknown": j.unknown}, indent=2))
+    return 0

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.segments import RecoveryReport, SegmentWriter
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,43 @@ class PredLogSettings:
     @property
     def replica_dir(self) -> Path:
         return self.log_dir / self.replica_id
+
+
+def predlog_settings(s: Settings) -> PredLogSettings:
+    """From the gateway's flat settings: `MODEL=RATE`, `MODEL=inputs|outputs|both`, `MODEL:INPUT` entries."""
+    assert s.predlog_dir is not None
+    rates = dict(_pair(e, "=", "predlog_sample_rate") for e in s.predlog_sample_rate)
+    what = dict(_pair(e, "=", "predlog_log") for e in s.predlog_log)
+    excluded: dict[str, set[str]] = {}
+    for entry in s.predlog_exclude_inputs:
+        model, name = _pair(entry, ":", "predlog_exclude_inputs")
+        excluded.setdefault(model, set()).add(name)
+    for model, choice in what.items():
+        if choice not in ("inputs", "outputs", "both"):
+            raise ValueError(f"predlog_log {model}={choice}: expected inputs, outputs or both")
+
+    def policy(model: str) -> ModelLogPolicy:
+        try:
+            rate = float(rates.get(model, rates.get("*", "1")))
+        except ValueError:
+            raise ValueError(f"predlog_sample_rate for {model}: {rates.get(model)!r} is not a number") from None
+        choice = what.get(model, what.get("*", "both"))
+        return ModelLogPolicy(sample_rate=rate, log_inputs=choice != "outputs", log_outputs=choice != "inputs",
+                              exclude_inputs=frozenset(excluded.get(model, set()) | excluded.get("*", set())))
+
+    models = {m: policy(m) for m in {*rates, *what, *excluded} - {"*"}}
+    return PredLogSettings(
+        s.predlog_dir, replica_id=s.predlog_replica_id or default_replica_id(), queue_size=s.predlog_queue_size,
+        flush_records=s.predlog_flush_records, flush_ms=s.predlog_flush_ms, retention_s=s.predlog_retention_s,
+        default_policy=policy("*"), models=models, join_interval_s=s.predlog_join_interval_s,
+        unknown_after_s=s.predlog_unknown_after_s)
+
+
+def _pair(entry: str, sep: str, setting: str) -> tuple[str, str]:
+    key, found, value = entry.partition(sep)
+    if not found or not key or not value:
+        raise ValueError(f"{setting} entry {entry!r}: expected NAME{sep}VALUE")
+    return key.strip(), value.strip()
 
 
 class Prediction(NamedTuple):

@@ -16,8 +16,16 @@ from prometheus_client import CollectorRegistry
 
 from server.dataset import export, parse_since
 from server.errors import InvalidArgument
-from server.feedback import (ACCEPTED, DUPLICATE, PENDING, FeedbackStore, TruthTensor, make_record,
-                             read_feedback, record_from_proto)
+from server.feedback import (
+    ACCEPTED,
+    DUPLICATE,
+    PENDING,
+    FeedbackStore,
+    TruthTensor,
+    make_record,
+    read_feedback,
+    record_from_proto,
+)
 from server.join import Joiner, QualityCollector
 from server.pb import feedback_pb2 as fpb
 from server.predlog import PredictionLog
