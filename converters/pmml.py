@@ -70,18 +70,32 @@ def convert_pmml(path: Path) -> Conversion:
     outputs = _outputs(g, result.value, result.probabilities, result.classes, integer_labels)
     onnx_model = g.model(inputs, outputs, name=f"pmml_{local(model.tag)}")
     task: Task = "regression" if result.value is not None else "classification"
-    specs_in = [TensorSpec(INPUT, "FP32", (-1, len(fields)))] if tabular else [
-        TensorSpec(f.name, "BYTES" if f.data.is_string else "FP32", (-1, 1)) for f in fields]
-    specs_out = [TensorSpec(PREDICTION, "FP32", (-1,))] if task == "regression" else [
-        TensorSpec(LABEL, "INT64" if integer_labels else "BYTES", (-1,)),
-        TensorSpec(PROBABILITIES, "FP32", (-1, len(result.classes)))]
+    specs_in = (
+        [TensorSpec(INPUT, "FP32", (-1, len(fields)))]
+        if tabular
+        else [TensorSpec(f.name, "BYTES" if f.data.is_string else "FP32", (-1, 1)) for f in fields]
+    )
+    specs_out = (
+        [TensorSpec(PREDICTION, "FP32", (-1,))]
+        if task == "regression"
+        else [
+            TensorSpec(LABEL, "INT64" if integer_labels else "BYTES", (-1,)),
+            TensorSpec(PROBABILITIES, "FP32", (-1, len(result.classes))),
+        ]
+    )
     scorer = _Reference(root, model, fields, tabular, result.classes, integer_labels)
     return Conversion(
-        model=onnx_model, inputs=specs_in, outputs=specs_out, task=task, framework="pmml",
-        predict_native=scorer.predict, labels=list(result.classes) if task == "classification" else None,
+        model=onnx_model,
+        inputs=specs_in,
+        outputs=specs_out,
+        task=task,
+        framework="pmml",
+        predict_native=scorer.predict,
+        labels=list(result.classes) if task == "classification" else None,
         make_sample=_sampler(fields, tabular, ctx.thresholds),
         library_versions=_versions(root),
-        notes=[f"PMML {root.get('version', '?')} {local(model.tag)} ({function}); reference scorer: pypmml"])
+        notes=[f"PMML {root.get('version', '?')} {local(model.tag)} ({function}); reference scorer: pypmml"],
+    )
 
 
 # ---------------------------------------------------------------- document
@@ -120,11 +134,14 @@ def _top_model(root: ET.Element) -> ET.Element:
         raise ConversionError("PMML document holds no model element")
     model = models[0]
     if local(model.tag) not in MODEL_TAGS:
-        raise ConversionError(f"PMML <{local(model.tag)}> is not supported; RegressionModel, TreeModel and "
-                              "MiningModel are")
+        raise ConversionError(
+            f"PMML <{local(model.tag)}> is not supported; RegressionModel, TreeModel and MiningModel are"
+        )
     if model.get("functionName") not in ("regression", "classification"):
-        raise ConversionError(f"PMML <{local(model.tag)} functionName={model.get('functionName')!r}> is not "
-                              "supported (regression and classification are)")
+        raise ConversionError(
+            f"PMML <{local(model.tag)} functionName={model.get('functionName')!r}> is not "
+            "supported (regression and classification are)"
+        )
     return model
 
 
@@ -158,8 +175,9 @@ def _versions(root: ET.Element) -> dict[str, str]:
 # ---------------------------------------------------------------- inputs and outputs
 
 
-def _inputs(g: GraphBuilder, fields: list[InputField], tabular: bool
-            ) -> tuple[list[onnx.ValueInfoProto], dict[str, Field]]:
+def _inputs(
+    g: GraphBuilder, fields: list[InputField], tabular: bool
+) -> tuple[list[onnx.ValueInfoProto], dict[str, Field]]:
     columns: dict[str, Field] = {}
     if tabular:
         infos = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [None, len(fields)])]
@@ -170,9 +188,15 @@ def _inputs(g: GraphBuilder, fields: list[InputField], tabular: bool
     for f in fields:
         if f.data.is_string:
             infos.append(helper.make_tensor_value_info(f.name, TensorProto.STRING, [None, 1]))
-            index = g.op("LabelEncoder", [f.name], hint="cat", domain="ai.onnx.ml",
-                         keys_strings=list(f.data.values), values_floats=[float(i) for i in range(len(f.data.values))],
-                         default_float=math.nan)
+            index = g.op(
+                "LabelEncoder",
+                [f.name],
+                hint="cat",
+                domain="ai.onnx.ml",
+                keys_strings=list(f.data.values),
+                values_floats=[float(i) for i in range(len(f.data.values))],
+                default_float=math.nan,
+            )
             columns[f.name] = _replaced(g, f, Field(index, categories=list(f.data.values)))
         else:
             infos.append(helper.make_tensor_value_info(f.name, TensorProto.FLOAT, [None, 1]))
@@ -203,8 +227,9 @@ def _integer_labels(target: DataField | None, classes: list[str]) -> bool:
         return False
 
 
-def _outputs(g: GraphBuilder, value: str | None, probabilities: str | None, classes: list[str],
-             integer_labels: bool) -> list[onnx.ValueInfoProto]:
+def _outputs(
+    g: GraphBuilder, value: str | None, probabilities: str | None, classes: list[str], integer_labels: bool
+) -> list[onnx.ValueInfoProto]:
     if value is not None:
         g.identity(g.op("Cast", [value], to=TensorProto.FLOAT), PREDICTION)
         return [helper.make_tensor_value_info(PREDICTION, TensorProto.FLOAT, [None])]
@@ -217,20 +242,24 @@ def _outputs(g: GraphBuilder, value: str | None, probabilities: str | None, clas
         table = g.const(np.array(classes, dtype=object), dtype=object)
     g.identity(g.op("Gather", [table, winner], axis=0), LABEL)
     label_type = TensorProto.INT64 if integer_labels else TensorProto.STRING
-    return [helper.make_tensor_value_info(LABEL, label_type, [None]),
-            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [None, len(classes)])]
+    return [
+        helper.make_tensor_value_info(LABEL, label_type, [None]),
+        helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [None, len(classes)]),
+    ]
 
 
 # ---------------------------------------------------------------- sample rows
 
 
-def _sampler(fields: list[InputField], tabular: bool, thresholds: dict[str, list[float]]
-             ) -> Callable[[int, np.random.Generator], Rows]:
+def _sampler(
+    fields: list[InputField], tabular: bool, thresholds: dict[str, list[float]]
+) -> Callable[[int, np.random.Generator], Rows]:
     def sample(n: int, rng: np.random.Generator) -> Rows:
         cols = {f.name: _sample_field(f, n, rng, thresholds.get(f.name, [])) for f in fields}
         if tabular:
             return {INPUT: np.stack([cols[f.name] for f in fields], axis=1).astype(np.float32)}
         return {name: col.reshape(-1, 1) for name, col in cols.items()}
+
     return sample
 
 
@@ -268,8 +297,15 @@ def _sample_field(f: InputField, n: int, rng: np.random.Generator, cuts: list[fl
 class _Reference:
     """pypmml scoring the original document, with an <Output> that names label and probabilities."""
 
-    def __init__(self, root: ET.Element, model: ET.Element, fields: list[InputField], tabular: bool,
-                 classes: list[str], integer_labels: bool) -> None:
+    def __init__(
+        self,
+        root: ET.Element,
+        model: ET.Element,
+        fields: list[InputField],
+        tabular: bool,
+        classes: list[str],
+        integer_labels: bool,
+    ) -> None:
         self._document = _with_reference_output(root, model, classes)
         self._fields = fields
         self._tabular = tabular
@@ -277,8 +313,9 @@ class _Reference:
         self._integer_labels = integer_labels
         self._scorer: Any = None
         segmentation = child(model, "Segmentation")
-        self._weighted_vote = segmentation is not None and \
-            segmentation.get("multipleModelMethod") == "weightedMajorityVote"
+        self._weighted_vote = (
+            segmentation is not None and segmentation.get("multipleModelMethod") == "weightedMajorityVote"
+        )
 
     def predict(self, rows: Rows) -> Rows:
         if self._scorer is None:
@@ -333,14 +370,33 @@ def _with_reference_output(root: ET.Element, model: ET.Element, classes: list[st
         top.remove(old)
     output = ET.Element(tag("Output"))
     if classes:
-        ET.SubElement(output, tag("OutputField"), name=_LABEL_OUT, feature="predictedValue",
-                      optype="categorical", dataType="string")
+        ET.SubElement(
+            output,
+            tag("OutputField"),
+            name=_LABEL_OUT,
+            feature="predictedValue",
+            optype="categorical",
+            dataType="string",
+        )
         for i, c in enumerate(classes):
-            ET.SubElement(output, tag("OutputField"), name=f"{_PROB_OUT}{i}", feature="probability", value=c,
-                          optype="continuous", dataType="double")
+            ET.SubElement(
+                output,
+                tag("OutputField"),
+                name=f"{_PROB_OUT}{i}",
+                feature="probability",
+                value=c,
+                optype="continuous",
+                dataType="double",
+            )
     else:
-        ET.SubElement(output, tag("OutputField"), name=_VALUE_OUT, feature="predictedValue",
-                      optype="continuous", dataType="double")
+        ET.SubElement(
+            output,
+            tag("OutputField"),
+            name=_VALUE_OUT,
+            feature="predictedValue",
+            optype="continuous",
+            dataType="double",
+        )
     position = [local(c.tag) for c in top].index("MiningSchema") + 1
     top.insert(position, output)
     return ET.tostring(copy, encoding="unicode")

@@ -164,8 +164,9 @@ def regression_model(ctx: Context, model: ET.Element, function: str, classes: li
         raw = g.op("Add", [g.op("MatMul", [matrix, g.const(weights)]), g.const(np.array(intercepts))])
     else:  # an intercept-only model still needs one row per input row
         zeros = g.op("Mul", [next(iter(ctx.fields.values())).column, g.const(0.0)])
-        raw = g.op("Add", [g.op("Where", [g.op("IsNaN", [zeros]), g.const(0.0), zeros]),
-                           g.const(np.array([intercepts]))])
+        raw = g.op(
+            "Add", [g.op("Where", [g.op("IsNaN", [zeros]), g.const(0.0), zeros]), g.const(np.array([intercepts]))]
+        )
     method = model.get("normalizationMethod", "none")
     if function == "regression":
         if k != 1:
@@ -186,8 +187,11 @@ def _term(ctx: Context, pred: ET.Element) -> tuple[tuple[str, ...], str]:
     if tag == "CategoricalPredictor":
         name, value = pred.get("name", ""), pred.get("value", "")
         fld = ctx.get(name, "<CategoricalPredictor>")
-        point = float(fld.categories.index(value)) if fld.categories is not None and value in fld.categories \
+        point = (
+            float(fld.categories.index(value))
+            if fld.categories is not None and value in fld.categories
             else (math.nan if fld.categories is not None else float(value))
+        )
         hit = g.op("Cast", [g.op("Equal", [fld.column, g.const(point)])], to=1)
         return ("cat", name, value), hit
     if tag == "PredictorTerm":
@@ -213,8 +217,9 @@ def _regression_norm(g: GraphBuilder, raw: str, method: str) -> str:
     raise ConversionError(f"PMML regression <RegressionModel normalizationMethod={method!r}> is not supported")
 
 
-def _classification_norm(ctx: Context, model: ET.Element, tables: list[ET.Element], raw: str, method: str,
-                         classes: list[str]) -> Result:
+def _classification_norm(
+    ctx: Context, model: ET.Element, tables: list[ET.Element], raw: str, method: str, classes: list[str]
+) -> Result:
     g = ctx.g
     order = [t.get("targetCategory", "") for t in tables]
     if not classes:
@@ -228,15 +233,18 @@ def _classification_norm(ctx: Context, model: ET.Element, tables: list[ET.Elemen
         probs = g.op("Div", [raw, g.op("ReduceSum", [raw, g.const([1], dtype=np.int64)], keepdims=1)])
     elif method in ("logit", "none") and k >= 2:
         # PMML: the first k-1 tables give probabilities, the last category gets what is left
-        head = g.op("Slice", [raw, g.const([0], dtype=np.int64), g.const([k - 1], dtype=np.int64),
-                              g.const([1], dtype=np.int64)])
+        head = g.op(
+            "Slice", [raw, g.const([0], dtype=np.int64), g.const([k - 1], dtype=np.int64), g.const([1], dtype=np.int64)]
+        )
         if method == "logit":
             head = g.op("Sigmoid", [head])
         rest = g.op("Sub", [g.const(1.0), g.op("ReduceSum", [head, g.const([1], dtype=np.int64)], keepdims=1)])
         probs = g.op("Concat", [head, rest], axis=1)
     else:
-        raise ConversionError(f"PMML classification <RegressionModel normalizationMethod={method!r}> "
-                              "is not supported (softmax, simplemax, logit and none are)")
+        raise ConversionError(
+            f"PMML classification <RegressionModel normalizationMethod={method!r}> "
+            "is not supported (softmax, simplemax, logit and none are)"
+        )
     permutation = [order.index(c) for c in classes]
     probs = g.op("Gather", [probs, g.const(permutation, dtype=np.int64)], axis=1)
     return Result(probabilities=probs, classes=list(classes))
@@ -267,8 +275,14 @@ def _ensemble(ctx: Context, trees: list[Tree], width: int, base: list[float], cl
     return Result(value=g.flatten_col(out))
 
 
-_WEIGHTED = {"sum": False, "average": False, "weightedAverage": True, "majorityVote": False,
-             "weightedMajorityVote": True, "weightedSum": True}
+_WEIGHTED = {
+    "sum": False,
+    "average": False,
+    "weightedAverage": True,
+    "majorityVote": False,
+    "weightedMajorityVote": True,
+    "weightedSum": True,
+}
 
 
 def mining_model(ctx: Context, model: ET.Element, function: str, classes: list[str]) -> Result:
@@ -281,8 +295,14 @@ def mining_model(ctx: Context, model: ET.Element, function: str, classes: list[s
         raise ConversionError("PMML <Segmentation> has no <Segment>")
     parts: list[tuple[ET.Element, float]] = []
     for seg in segments:
-        pred = next((p for p in seg if local(p.tag) in ("True", "False", "SimplePredicate", "CompoundPredicate",
-                                                          "SimpleSetPredicate")), None)
+        pred = next(
+            (
+                p
+                for p in seg
+                if local(p.tag) in ("True", "False", "SimplePredicate", "CompoundPredicate", "SimpleSetPredicate")
+            ),
+            None,
+        )
         if pred is None or local(pred.tag) != "True":
             raise ConversionError("PMML <Segment> predicates other than <True/> are not supported")
         inner = model_elements(seg)
@@ -292,9 +312,11 @@ def mining_model(ctx: Context, model: ET.Element, function: str, classes: list[s
     if method == "modelChain":
         return _chain(ctx, parts, classes)
     if method not in _WEIGHTED:
-        raise ConversionError(f"PMML <Segmentation multipleModelMethod={method!r}> is not supported "
-                              "(sum, weightedSum, average, weightedAverage, majorityVote, weightedMajorityVote, "
-                              "modelChain are)")
+        raise ConversionError(
+            f"PMML <Segmentation multipleModelMethod={method!r}> is not supported "
+            "(sum, weightedSum, average, weightedAverage, majorityVote, weightedMajorityVote, "
+            "modelChain are)"
+        )
     voting = method in ("majorityVote", "weightedMajorityVote")
     if function == "regression" and voting:
         raise ConversionError(f"PMML <Segmentation multipleModelMethod={method!r}> on a regression model")
@@ -319,18 +341,28 @@ def _chain(ctx: Context, parts: list[tuple[ET.Element, float]], classes: list[st
 
 def _foldable(inner: ET.Element) -> bool:
     """A TreeModel whose leaves can go straight into the shared ensemble."""
-    return local(inner.tag) == "TreeModel" and child(inner, "Targets") is None \
+    return (
+        local(inner.tag) == "TreeModel"
+        and child(inner, "Targets") is None
         and child(inner, "LocalTransformations") is None
+    )
 
 
-def _combine(ctx: Context, parts: list[tuple[ET.Element, float]], weights: list[float], function: str,
-             classes: list[str], voting: bool) -> Result:
+def _combine(
+    ctx: Context,
+    parts: list[tuple[ET.Element, float]],
+    weights: list[float],
+    function: str,
+    classes: list[str],
+    voting: bool,
+) -> Result:
     g = ctx.g
     width = 1 if function == "regression" else len(classes)
     if function == "classification" and not classes:
         raise ConversionError("PMML classification <MiningModel> needs the target's categories in <DataDictionary>")
-    leaf: LeafValue = regression_leaf if function == "regression" else (vote(classes) if voting
-                                                                        else distribution(classes))
+    leaf: LeafValue = (
+        regression_leaf if function == "regression" else (vote(classes) if voting else distribution(classes))
+    )
     trees: list[Tree] = []
     others: list[str] = []
     for (inner, _), weight in zip(parts, weights, strict=True):
@@ -346,8 +378,7 @@ def _combine(ctx: Context, parts: list[tuple[ET.Element, float]], weights: list[
             probs = result.probabilities
             if voting:  # a vote is the one-hot of the segment's winning class
                 winner = g.op("ArgMax", [probs], axis=1, keepdims=0)
-                probs = g.op("OneHot", [winner, g.const(len(classes), dtype=np.int64),
-                                        g.const([0.0, 1.0])], axis=-1)
+                probs = g.op("OneHot", [winner, g.const(len(classes), dtype=np.int64), g.const([0.0, 1.0])], axis=-1)
             others.append(g.op("Mul", [probs, g.const(weight)]))
     total: str | None = None
     if trees:
@@ -359,4 +390,3 @@ def _combine(ctx: Context, parts: list[tuple[ET.Element, float]], weights: list[
     if function == "regression":
         return Result(value=total)
     return Result(probabilities=total, classes=list(classes))
-

@@ -18,10 +18,24 @@ from converters.base import ConversionError
 from converters.pmml_onnx import GraphBuilder, Leaf, Split, Tree, float32_threshold
 
 MODEL_TAGS = ("RegressionModel", "TreeModel", "MiningModel")
-OTHER_MODEL_TAGS = ("AnomalyDetectionModel", "AssociationModel", "BayesianNetworkModel", "BaselineModel",
-                    "ClusteringModel", "GaussianProcessModel", "GeneralRegressionModel", "NaiveBayesModel",
-                    "NearestNeighborModel", "NeuralNetwork", "RuleSetModel", "SequenceModel", "Scorecard",
-                    "SupportVectorMachineModel", "TextModel", "TimeSeriesModel")
+OTHER_MODEL_TAGS = (
+    "AnomalyDetectionModel",
+    "AssociationModel",
+    "BayesianNetworkModel",
+    "BaselineModel",
+    "ClusteringModel",
+    "GaussianProcessModel",
+    "GeneralRegressionModel",
+    "NaiveBayesModel",
+    "NearestNeighborModel",
+    "NeuralNetwork",
+    "RuleSetModel",
+    "SequenceModel",
+    "Scorecard",
+    "SupportVectorMachineModel",
+    "TextModel",
+    "TimeSeriesModel",
+)
 PREDICATE_TAGS = ("SimplePredicate", "SimpleSetPredicate", "CompoundPredicate", "True", "False")
 NUMERIC_TYPES = ("double", "float", "integer", "boolean")
 
@@ -103,8 +117,7 @@ class Context:
 
 
 _BINARY = {"+": "Add", "-": "Sub", "*": "Mul", "/": "Div", "pow": "Pow", "min": "Min", "max": "Max"}
-_UNARY = {"exp": "Exp", "ln": "Log", "sqrt": "Sqrt", "abs": "Abs", "floor": "Floor", "ceil": "Ceil",
-          "round": "Round"}
+_UNARY = {"exp": "Exp", "ln": "Log", "sqrt": "Sqrt", "abs": "Abs", "floor": "Floor", "ceil": "Ceil", "round": "Round"}
 
 
 def expression(ctx: Context, elem: ET.Element) -> Field:
@@ -180,8 +193,14 @@ def compile_predicate(ctx: Context, pred: ET.Element, t: Tree, f: Tree, u: Tree)
     raise ConversionError(f"PMML predicate <{tag}> is not supported")
 
 
-_OPS = {"lessThan": "BRANCH_LT", "lessOrEqual": "BRANCH_LEQ", "greaterThan": "BRANCH_GT",
-        "greaterOrEqual": "BRANCH_GTE", "equal": "BRANCH_EQ", "notEqual": "BRANCH_NEQ"}
+_OPS = {
+    "lessThan": "BRANCH_LT",
+    "lessOrEqual": "BRANCH_LEQ",
+    "greaterThan": "BRANCH_GT",
+    "greaterOrEqual": "BRANCH_GTE",
+    "equal": "BRANCH_EQ",
+    "notEqual": "BRANCH_NEQ",
+}
 
 
 def _present(column: str, present: Tree, missing: Tree) -> Tree:
@@ -345,8 +364,11 @@ def compile_tree(ctx: Context, model: ET.Element, leaf_value: LeafValue, width: 
         raise ConversionError("PMML <TreeModel> has no <Node>")
 
     def score(node: ET.Element) -> Tree:
-        return Leaf(leaf_value(node)) if node.get("score") is not None or child(node, "ScoreDistribution") \
-            is not None else null
+        return (
+            Leaf(leaf_value(node))
+            if node.get("score") is not None or child(node, "ScoreDistribution") is not None
+            else null
+        )
 
     def build(node: ET.Element) -> Tree:
         if child(node, "EmbeddedModel") is not None:
@@ -377,6 +399,7 @@ def compile_tree(ctx: Context, model: ET.Element, leaf_value: LeafValue, width: 
 
 def distribution(classes: list[str]) -> LeafValue:
     """Class probabilities of a node: ScoreDistribution probabilities or record counts, else its score."""
+
     def value(node: ET.Element) -> tuple[float, ...]:
         out = [0.0] * len(classes)
         dists = children(node, "ScoreDistribution")
@@ -392,6 +415,7 @@ def distribution(classes: list[str]) -> LeafValue:
                     out[classes.index(label)] = fnum(d, "recordCount") / total
             return tuple(out)
         return vote(classes)(node)
+
     return value
 
 
@@ -401,6 +425,7 @@ def vote(classes: list[str]) -> LeafValue:
         if label not in classes:
             raise ConversionError(f"PMML <Node score={label!r}> is not a class of the target")
         return tuple(1.0 if c == label else 0.0 for c in classes)
+
     return value
 
 

@@ -45,8 +45,14 @@ Tree = Leaf | Split
 def scale_tree(tree: Tree, factor: float) -> Tree:
     if isinstance(tree, Leaf):
         return Leaf(tuple(v * factor for v in tree.values))
-    return Split(tree.feature, tree.mode, tree.threshold, tree.missing_true,
-                 scale_tree(tree.true, factor), scale_tree(tree.false, factor))
+    return Split(
+        tree.feature,
+        tree.mode,
+        tree.threshold,
+        tree.missing_true,
+        scale_tree(tree.true, factor),
+        scale_tree(tree.false, factor),
+    )
 
 
 def tree_features(tree: Tree, into: dict[str, None]) -> None:
@@ -103,8 +109,7 @@ class GraphBuilder:
         self.initializers.append(tensor)
         return name
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, domain: str = "",
-           **attrs: Any) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, domain: str = "", **attrs: Any) -> str:
         out = self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], domain=domain, **attrs))
         return out
@@ -120,32 +125,63 @@ class GraphBuilder:
         """[N, 1] -> [N]."""
         return self.op("Reshape", [column, self.const([-1], dtype=np.int64)], hint="flat")
 
-    def tree_ensemble(self, features: str, trees: Sequence[Tree], n_targets: int,
-                      base: Sequence[float] | None, feature_index: dict[str, int]) -> str:
+    def tree_ensemble(
+        self,
+        features: str,
+        trees: Sequence[Tree],
+        n_targets: int,
+        base: Sequence[float] | None,
+        feature_index: dict[str, int],
+    ) -> str:
         """Emit the trees as one TreeEnsembleRegressor over `features` ([N, F]); returns [N, n_targets]."""
-        attrs: dict[str, list[Any]] = {k: [] for k in (
-            "nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_modes", "nodes_values",
-            "nodes_truenodeids", "nodes_falsenodeids", "nodes_missing_value_tracks_true",
-            "target_treeids", "target_nodeids", "target_ids", "target_weights")}
+        attrs: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "nodes_treeids",
+                "nodes_nodeids",
+                "nodes_featureids",
+                "nodes_modes",
+                "nodes_values",
+                "nodes_truenodeids",
+                "nodes_falsenodeids",
+                "nodes_missing_value_tracks_true",
+                "target_treeids",
+                "target_nodeids",
+                "target_ids",
+                "target_weights",
+            )
+        }
         for tree_id, tree in enumerate(trees):
             _emit_tree(tree, tree_id, n_targets, feature_index, attrs)
-        return self.op("TreeEnsembleRegressor", [features], hint="trees", domain="ai.onnx.ml",
-                       n_targets=n_targets, aggregate_function="SUM", post_transform="NONE",
-                       base_values=list(base) if base is not None else [0.0] * n_targets, **attrs)
+        return self.op(
+            "TreeEnsembleRegressor",
+            [features],
+            hint="trees",
+            domain="ai.onnx.ml",
+            n_targets=n_targets,
+            aggregate_function="SUM",
+            post_transform="NONE",
+            base_values=list(base) if base is not None else [0.0] * n_targets,
+            **attrs,
+        )
 
-    def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
-              name: str) -> onnx.ModelProto:
+    def model(
+        self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET),
-                                                         helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
-                                  producer_name="onnxgate")
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
+            producer_name="onnxgate",
+        )
         model.ir_version = 8  # opset 17 needs IR 8; older runtimes refuse newer IR versions
         onnx.checker.check_model(model)
         return model
 
 
-def _emit_tree(tree: Tree, tree_id: int, n_targets: int, feature_index: dict[str, int],
-               attrs: dict[str, list[Any]]) -> None:
+def _emit_tree(
+    tree: Tree, tree_id: int, n_targets: int, feature_index: dict[str, int], attrs: dict[str, list[Any]]
+) -> None:
     """Append one tree's nodes in pre-order; node ids are positions within the tree."""
     # (node, id) pairs; children ids are allocated when their parent is written
     stack: list[tuple[Tree, int]] = [(tree, 0)]

@@ -62,8 +62,9 @@ def convert_rds(path: Path) -> Conversion:
         return _forest(path, obj)
     if "lm" in classes or "glm" in classes:
         return _linear(path, obj, "glm" in classes)
-    raise ConversionError(f"{path}: R objects of class {classes or ['<none>']} are not supported "
-                          "(randomForest, lm and glm are)")
+    raise ConversionError(
+        f"{path}: R objects of class {classes or ['<none>']} are not supported (randomForest, lm and glm are)"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -114,16 +115,24 @@ def _tolerant_parser(rparser: Any) -> Iterator[None]:
 def _drop_code(obj: Any, rparser: Any) -> None:
     """Replace closures, environments and the like inside lists with NULL, in place."""
     kinds = rparser.RObjectType
-    code = {kinds.CLO, kinds.ENV, kinds.BCODE, kinds.PROM, kinds.SPECIAL, kinds.BUILTIN, kinds.REF,
-            kinds.EXTPTR, kinds.WEAKREF}
+    code = {
+        kinds.CLO,
+        kinds.ENV,
+        kinds.BCODE,
+        kinds.PROM,
+        kinds.SPECIAL,
+        kinds.BUILTIN,
+        kinds.REF,
+        kinds.EXTPTR,
+        kinds.WEAKREF,
+    }
     stack = [obj]
     while stack:
         node = stack.pop()
         if node.info.type in (kinds.VEC, kinds.EXPR) and isinstance(node.value, list):
             for i, item in enumerate(node.value):
                 if item.info.type in code:
-                    node.value[i] = rparser.RObject(info=rparser.parse_r_object_info(254), value=None,
-                                                    attributes=None)
+                    node.value[i] = rparser.RObject(info=rparser.parse_r_object_info(254), value=None, attributes=None)
                 else:
                     stack.append(item)
 
@@ -175,8 +184,15 @@ def _forest(path: Path, obj: dict[str, Any]) -> Conversion:
         outputs = _class_outputs(g, out, classes, g.op("Div", [out, g.const(cutoff)]))
     model = g.model(inputs, outputs, name="r_randomForest")
     reference = _RReference(path, variables, tabular, "forest", classes)
-    return _conversion(model, variables, tabular, kind, classes, reference,
-                       f"randomForest ({kind}, {int(_array(obj['ntree']).ravel()[0])} trees)")
+    return _conversion(
+        model,
+        variables,
+        tabular,
+        kind,
+        classes,
+        reference,
+        f"randomForest ({kind}, {int(_array(obj['ntree']).ravel()[0])} trees)",
+    )
 
 
 def _forest_variables(obj: dict[str, Any]) -> list[Variable]:
@@ -268,8 +284,9 @@ def _linear(path: Path, obj: dict[str, Any], is_glm: bool) -> Conversion:
         fam = obj["family"]
         family, link = str(_array(fam["family"]).ravel()[0]), str(_array(fam["link"]).ravel()[0])
     if (family, link) not in _FAMILIES:
-        raise ConversionError(f"glm family {family}({link}) is not supported "
-                              "(gaussian identity, binomial logit, poisson log are)")
+        raise ConversionError(
+            f"glm family {family}({link}) is not supported (gaussian identity, binomial logit, poisson log are)"
+        )
     frame = obj.get("model")
     if obj.get("xlevels"):
         raise ConversionError("lm/glm with factor predictors is not supported yet (numeric predictors are)")
@@ -283,8 +300,10 @@ def _linear(path: Path, obj: dict[str, Any], is_glm: bool) -> Conversion:
             predictors.append(name)
             weights.append(float(b))
         else:
-            raise ConversionError(f"lm/glm term {name!r} is not a plain numeric column of the model frame "
-                                  "(transformed terms and interactions are not supported)")
+            raise ConversionError(
+                f"lm/glm term {name!r} is not a plain numeric column of the model frame "
+                "(transformed terms and interactions are not supported)"
+            )
     if not predictors:
         raise ConversionError("lm/glm without predictors has nothing to serve")
     assert frame is not None
@@ -333,9 +352,17 @@ def _inputs(g: GraphBuilder, variables: list[Variable], tabular: bool) -> tuple[
             columns.append(v.name)
         else:
             infos.append(helper.make_tensor_value_info(v.name, TensorProto.STRING, [None, 1]))
-            columns.append(g.op("LabelEncoder", [v.name], hint="level", domain="ai.onnx.ml",
-                                keys_strings=v.levels, values_floats=[float(i) for i in range(len(v.levels))],
-                                default_float=math.nan))
+            columns.append(
+                g.op(
+                    "LabelEncoder",
+                    [v.name],
+                    hint="level",
+                    domain="ai.onnx.ml",
+                    keys_strings=v.levels,
+                    values_floats=[float(i) for i in range(len(v.levels))],
+                    default_float=math.nan,
+                )
+            )
     return infos, columns
 
 
@@ -352,31 +379,59 @@ def _class_outputs(g: GraphBuilder, probs: str, classes: list[str], scores: str)
     g.identity(probs, PROBABILITIES)
     winner = g.op("ArgMax", [scores], axis=1, keepdims=0)
     integer = _integer_labels(classes)
-    table = g.const([int(c) for c in classes], dtype=np.int64) if integer else \
-        g.const(np.array(classes, dtype=object), dtype=object)
+    table = (
+        g.const([int(c) for c in classes], dtype=np.int64)
+        if integer
+        else g.const(np.array(classes, dtype=object), dtype=object)
+    )
     g.identity(g.op("Gather", [table, winner], axis=0), LABEL)
-    return [helper.make_tensor_value_info(LABEL, TensorProto.INT64 if integer else TensorProto.STRING, [None]),
-            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [None, len(classes)])]
+    return [
+        helper.make_tensor_value_info(LABEL, TensorProto.INT64 if integer else TensorProto.STRING, [None]),
+        helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [None, len(classes)]),
+    ]
 
 
-def _conversion(model: onnx.ModelProto, variables: list[Variable], tabular: bool, kind: str, classes: list[str],
-                reference: _RReference, label: str) -> Conversion:
-    specs_in = [TensorSpec(INPUT, "FP32", (-1, len(variables)))] if tabular else [
-        TensorSpec(v.name, "BYTES" if v.levels else "FP32", (-1, 1)) for v in variables]
+def _conversion(
+    model: onnx.ModelProto,
+    variables: list[Variable],
+    tabular: bool,
+    kind: str,
+    classes: list[str],
+    reference: _RReference,
+    label: str,
+) -> Conversion:
+    specs_in = (
+        [TensorSpec(INPUT, "FP32", (-1, len(variables)))]
+        if tabular
+        else [TensorSpec(v.name, "BYTES" if v.levels else "FP32", (-1, 1)) for v in variables]
+    )
     task: Task = "classification" if kind == "classification" else "regression"
-    specs_out = [TensorSpec(PREDICTION, "FP32", (-1,))] if task == "regression" else [
-        TensorSpec(LABEL, "INT64" if _integer_labels(classes) else "BYTES", (-1,)),
-        TensorSpec(PROBABILITIES, "FP32", (-1, len(classes)))]
-    return Conversion(model=model, inputs=specs_in, outputs=specs_out, task=task, framework="r",
-                      predict_native=reference.predict, labels=classes or None,
-                      make_sample=_sampler(variables, tabular),
-                      library_versions={"onnx": onnx.__version__, **_rdata_version()},
-                      notes=[f"R {label}; reference: R's predict() through Rscript"])
+    specs_out = (
+        [TensorSpec(PREDICTION, "FP32", (-1,))]
+        if task == "regression"
+        else [
+            TensorSpec(LABEL, "INT64" if _integer_labels(classes) else "BYTES", (-1,)),
+            TensorSpec(PROBABILITIES, "FP32", (-1, len(classes))),
+        ]
+    )
+    return Conversion(
+        model=model,
+        inputs=specs_in,
+        outputs=specs_out,
+        task=task,
+        framework="r",
+        predict_native=reference.predict,
+        labels=classes or None,
+        make_sample=_sampler(variables, tabular),
+        library_versions={"onnx": onnx.__version__, **_rdata_version()},
+        notes=[f"R {label}; reference: R's predict() through Rscript"],
+    )
 
 
 def _rdata_version() -> dict[str, str]:
     try:
         from importlib.metadata import version
+
         return {"rdata": version("rdata")}
     except Exception:  # metadata is informative only
         return {}
@@ -393,6 +448,7 @@ def _sampler(variables: list[Variable], tabular: bool) -> Callable[[int, np.rand
         if tabular:
             return {INPUT: np.stack([cols[v.name] for v in variables], axis=1).astype(np.float32)}
         return {name: col.reshape(-1, 1) for name, col in cols.items()}
+
     return sample
 
 
@@ -430,15 +486,22 @@ class _RReference:
     def predict(self, rows: Rows) -> Rows:
         rscript = shutil.which("Rscript")
         if rscript is None:
-            raise ConversionError("the parity check of R models runs R's own predict(): install R "
-                                  "(Debian: r-base-core, r-cran-randomforest)")
+            raise ConversionError(
+                "the parity check of R models runs R's own predict(): install R "
+                "(Debian: r-base-core, r-cran-randomforest)"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "rows.csv"
             data.write_text(self._csv(rows))
             script = Path(tmp) / "predict.R"
             script.write_text(_R_SCRIPT)
-            done = subprocess.run([rscript, "--vanilla", str(script), str(self._path), str(data), self._kind],
-                                  capture_output=True, text=True, timeout=120, check=False)
+            done = subprocess.run(
+                [rscript, "--vanilla", str(script), str(self._path), str(data), self._kind],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
         if done.returncode != 0:
             raise ConversionError(f"R failed to predict with {self._path}: {done.stderr.strip()[-2000:]}")
         lines = [line.split("\t") for line in done.stdout.splitlines() if line]
@@ -451,8 +514,11 @@ class _RReference:
             p = np.array([float(r[0]) for r in lines], dtype=np.float64)
             probs = np.stack([1 - p, p], axis=1)
             names = [self._classes[i] for i in np.argmax(probs, axis=1)]
-        labels: np.ndarray = np.array([int(n) for n in names], dtype=np.int64) \
-            if _integer_labels(self._classes) else np.array(names, dtype=object)
+        labels: np.ndarray = (
+            np.array([int(n) for n in names], dtype=np.int64)
+            if _integer_labels(self._classes)
+            else np.array(names, dtype=object)
+        )
         return {LABEL: labels, PROBABILITIES: probs.astype(np.float32)}
 
     def _csv(self, rows: Rows) -> str:
