@@ -56,7 +56,9 @@ def _from_reference(reference: str) -> Any:
 def _from_file(path: Path) -> Any:
     torch = _torch()
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript files are what we are given
+            return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as script_error:
         try:
             loaded = torch.load(str(path), map_location="cpu", weights_only=False)
