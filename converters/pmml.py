@@ -332,6 +332,10 @@ class _Reference:
         if not self._classes:
             return {PREDICTION: _floats(scored[_VALUE_OUT])}
         probs = np.stack([_floats(scored[f"{_PROB_OUT}{i}"]) for i in range(len(self._classes))], axis=1)
+        # pmml4s leaves out classes a leaf's ScoreDistribution does not list: their probability is 0,
+        # whereas a row with no probabilities at all is a null prediction and stays NaN
+        scored_rows = ~np.all(np.isnan(probs), axis=1)
+        probs[scored_rows] = np.nan_to_num(probs[scored_rows], nan=0.0)
         if self._weighted_vote:
             # pmml4s reports weighted vote totals divided by the number of segments (rows can sum to more
             # than 1); the converted model reports vote shares, so the reference is brought to shares
