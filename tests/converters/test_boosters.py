@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import catboost
 import lightgbm
@@ -22,7 +23,7 @@ MULTI = (X[:, 0] > 0).astype(int) + (X[:, 2] > 0.5)
 LARGE = 1e5 + 2e4 * X[:, 0] - 5e3 * X[:, 3]
 ROWS = RNG.normal(size=(200, 5)).astype(np.float32)
 
-XGB_CASES = {
+XGB_CASES: dict[str, tuple[dict[str, Any], np.ndarray]] = {
     "binary": ({"objective": "binary:logistic"}, BINARY),
     "multiclass": ({"objective": "multi:softprob", "num_class": 3}, MULTI),
     "softmax": ({"objective": "multi:softmax", "num_class": 3}, MULTI),
@@ -111,8 +112,12 @@ def test_xgboost_legacy_binary_from_debian_cli_is_refused_with_advice(tmp_path: 
 
 @pytest.mark.parametrize("case", ["binary", "multiclass", "regression"])
 def test_lightgbm_text_model(tmp_path: Path, case: str) -> None:
-    params = {"binary": {"objective": "binary"}, "multiclass": {"objective": "multiclass", "num_class": 3},
-              "regression": {"objective": "regression"}}[case]
+    choices: dict[str, dict[str, Any]] = {
+        "binary": {"objective": "binary"},
+        "multiclass": {"objective": "multiclass", "num_class": 3},
+        "regression": {"objective": "regression"},
+    }
+    params = choices[case]
     target = {"binary": BINARY, "multiclass": MULTI, "regression": LARGE}[case]
     booster = lightgbm.train({**params, "verbose": -1, "num_leaves": 8}, lightgbm.Dataset(X, label=target), 15)
     booster.save_model(tmp_path / "model.txt")
@@ -121,7 +126,7 @@ def test_lightgbm_text_model(tmp_path: Path, case: str) -> None:
     version = published(tmp_path / "repo", "lgb")
     check_published(version, "lightgbm", "regression" if case == "regression" else "classification")
     outputs = run_onnx(version, {"input": ROWS})
-    raw = booster.predict(ROWS)
+    raw = np.asarray(booster.predict(ROWS))
     if case == "regression":
         np.testing.assert_allclose(outputs["prediction"].reshape(-1), raw, rtol=1e-5)
         return

@@ -38,7 +38,7 @@ MODULE_SOURCE = textwrap.dedent(
 def scorer_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
     (tmp_path / "my_scorers.py").write_text(MODULE_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    import my_scorers
+    import my_scorers  # type: ignore[import-not-found]  # written just above
 
     module: torch.nn.Module = my_scorers.scorer
     return module
@@ -57,7 +57,7 @@ def _check_torch_version(version: Path, module: torch.nn.Module) -> None:
 
 
 def test_torchscript_file(tmp_path: Path, scorer_module: torch.nn.Module) -> None:
-    torch.jit.script(scorer_module).save(str(tmp_path / "scorer.pt"))
+    torch.jit.script(scorer_module).save(str(tmp_path / "scorer.pt"))  # type: ignore[no-untyped-call]
     assert run_cli(tmp_path / "scorer.pt", tmp_path / "repo", "scorer") == 0
     _check_torch_version(published(tmp_path / "repo", "scorer"), scorer_module)
 
