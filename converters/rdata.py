@@ -14,6 +14,7 @@ Reference for the parity check: R's own `predict()` run by `Rscript` on the samp
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import tempfile
@@ -272,6 +273,8 @@ def _forest_trees(forest: dict[str, Any], variables: list[Variable], classes: li
 # ---------------------------------------------------------------- lm / glm
 
 
+# a plain column reference; anything else (log(x), I(x^2), x:z) is a computed term
+_SYNTACTIC = re.compile(r"^[A-Za-z.][A-Za-z0-9._]*$")
 _FAMILIES = {("gaussian", "identity"), ("binomial", "logit"), ("poisson", "log")}
 
 
@@ -296,7 +299,7 @@ def _linear(path: Path, obj: dict[str, Any], is_glm: bool) -> Conversion:
     for name, b in zip(names, beta, strict=True):
         if name == "(Intercept)":
             intercept = float(b)
-        elif frame is not None and name in getattr(frame, "columns", []):
+        elif frame is not None and _SYNTACTIC.match(name) and name in getattr(frame, "columns", []):
             predictors.append(name)
             weights.append(float(b))
         else:
@@ -419,7 +422,7 @@ def _conversion(
         inputs=specs_in,
         outputs=specs_out,
         task=task,
-        framework="r",
+        framework="rdata",
         predict_native=reference.predict,
         labels=classes or None,
         make_sample=_sampler(variables, tabular),
@@ -531,3 +534,7 @@ class _RReference:
                 columns.append([repr(float(x)) for x in col])
         header = ",".join(f'"{v.name}"' for v in self._variables)
         return "\n".join([header, *(",".join(r) for r in zip(*columns, strict=True))]) + "\n"
+
+
+# the name `converters.CONVERTERS` looks up (`convert_<module>`)
+convert_rdata = convert_rds
