@@ -41,11 +41,11 @@ __all__ = [
 ]
 
 
-def _lazy(module: str) -> Converter:
+def _lazy(module: str, *plain_names: str) -> Converter:
     """Import `converters.<module>` on first use and call its converter.
 
-    A module exposes `convert(source, options)`, or `convert_<module>(path)` when it needs no options
-    (the PMML and R converters).
+    A module exposes `convert(source, options)`, or - when it needs no options, like the PMML and R
+    converters - a function of the path alone: `convert_<module>` or one of `plain_names`.
     """
 
     def run(source: str, options: ConvertOptions) -> Conversion:
@@ -58,8 +58,11 @@ def _lazy(module: str) -> Converter:
         if hasattr(loaded, "convert"):
             converter: Converter = loaded.convert
             return converter(source, options)
-        plain: Callable[[Path], Conversion] = getattr(loaded, f"convert_{module}")
-        return plain(Path(source))
+        for name in (f"convert_{module}", *plain_names):
+            if hasattr(loaded, name):
+                plain: Callable[[Path], Conversion] = getattr(loaded, name)
+                return plain(Path(source))
+        raise ConversionError(f"converters.{module} exposes no converter function")
 
     run.__name__ = f"convert_{module}"
     return run
@@ -73,7 +76,7 @@ CONVERTERS: dict[str, Converter] = {
     "torch": _lazy("torch"),
     "onnx": _lazy("onnxfile"),
     "pmml": _lazy("pmml"),
-    "rdata": _lazy("rdata"),
+    "rdata": _lazy("rdata", "convert_rds"),
 }
 
 ALIASES = {

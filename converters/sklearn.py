@@ -134,8 +134,31 @@ def _native_frame(model: Any, rows: Rows, inputs: list[TensorSpec], per_column: 
     return pd.DataFrame(rows["input"].astype(np.float64), columns=names)
 
 
-def _make_sample(model: Any, inputs: list[TensorSpec]) -> Any:
-    """Rows for per-column models: string columns drawn from the categories the encoders know."""
+def _scales(model: Any, inputs: list[TensorSpec], per_column: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per input, the training mean and scale a fitted StandardScaler recorded for its columns.
+
+    Rows drawn around them look like the training data, so parity is checked where the model is used
+    (standard-normal rows would sit far outside, e.g., an income column).
+    """
+    names = [str(n) for n in getattr(model, "feature_names_in_", [])]
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    first = model.steps[0][1] if hasattr(model, "steps") else model
+    if not per_column and getattr(first, "mean_", None) is not None and getattr(first, "scale_", None) is not None:
+        found[inputs[0].name] = (np.asarray(first.mean_), np.asarray(first.scale_))
+    for part in _walk(model):
+        for _, transformer, columns in getattr(part, "transformers_", []):
+            first = transformer.steps[0][1] if hasattr(transformer, "steps") else transformer
+            mean, scale = getattr(first, "mean_", None), getattr(first, "scale_", None)
+            if mean is None or scale is None:
+                continue
+            for i, column in enumerate(np.asarray(columns).reshape(-1).tolist()):
+                name = names[column] if isinstance(column, int) and column < len(names) else str(column)
+                found[name] = (np.asarray(mean[i : i + 1]), np.asarray(scale[i : i + 1]))
+    return found
+
+
+def _make_sample(model: Any, inputs: list[TensorSpec], per_column: bool) -> Any:
+    """Rows like the training data: encoders' categories for strings, scalers' mean and scale for numbers."""
     categories: dict[str, list[str]] = {}
     names = [str(n) for n in getattr(model, "feature_names_in_", [])]
     for part in _walk(model):
@@ -147,6 +170,9 @@ def _make_sample(model: Any, inputs: list[TensorSpec]) -> Any:
             for encoder in encoders[:1]:
                 for column, known in zip(selected, encoder.categories_, strict=False):
                     categories[column] = [str(v) for v in known if not (isinstance(v, float) and np.isnan(v))]
+    scales = _scales(model, inputs, per_column)
+    if not per_column and inputs[0].name not in scales:
+        return None  # sample.from_signature does better (tree thresholds)
 
     def make(n: int, rng: np.random.Generator) -> Rows:
         rows: Rows = {}
@@ -154,8 +180,9 @@ def _make_sample(model: Any, inputs: list[TensorSpec]) -> Any:
             if spec.datatype == "BYTES":
                 known = categories.get(spec.name) or ["a", "b"]
                 rows[spec.name] = np.array(rng.choice(known, size=n), dtype=object).reshape(n, 1)
-            else:
-                rows[spec.name] = rng.normal(size=(n, 1)).astype(np.float32)
+                continue
+            mean, scale = scales.get(spec.name, (np.zeros(1), np.ones(1)))
+            rows[spec.name] = (mean + scale * rng.normal(size=(n, spec.shape[1]))).astype(np.float32)
         return rows
 
     return make
@@ -238,7 +265,7 @@ def convert(source: str, options: ConvertOptions) -> Conversion:
         framework="sklearn",
         predict_native=predict_native,
         labels=labels,
-        make_sample=_make_sample(model, inputs) if per_column else None,
+        make_sample=_make_sample(model, inputs, per_column),
         library_versions={
             "scikit-learn": sklearn.__version__,
             "skl2onnx": metadata.version("skl2onnx"),

@@ -203,3 +203,10 @@ def test_publish_takes_the_next_number_when_one_appears_meanwhile(
     assert numeric_versions(repo / "risk") == [1, 2]
     assert (repo / "risk" / "1" / "model.onnx").read_bytes() == b"theirs"
     assert json.loads((repo / "risk" / "2" / "report.json").read_text())["version"] == 2
+
+
+def test_registry_reports_a_converter_that_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "model.xyz").write_bytes(b"anything")
+    monkeypatch.setitem(converters.CONVERTERS, "future", converters._lazy("no_such_converter_module"))
+    with pytest.raises(ConversionError, match="has no no_such_converter_module converter"):
+        convert(tmp_path / "model.xyz", framework="future")
