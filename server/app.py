@@ -48,6 +48,7 @@ class Gateway:
             control_mode=settings.model_control_mode,
             intra_op_threads=settings.ort_intra_op_threads,
             default_max_batch_size=settings.default_max_batch_size,
+            inline_run_ns=settings.inline_run_us * 1000,
         )
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self.repository, self.state))
@@ -58,8 +59,12 @@ class Gateway:
         predlog_settings = settings.predlog()
         if predlog_settings is not None:
             self.predlog = PredictionLog(predlog_settings)
-            self.joiner = Joiner(predlog_settings.log_dir, interval_s=predlog_settings.join_interval_s,
-                                 unknown_after_s=predlog_settings.unknown_after_s, predlog=self.predlog)
+            self.joiner = Joiner(
+                predlog_settings.log_dir,
+                interval_s=predlog_settings.join_interval_s,
+                unknown_after_s=predlog_settings.unknown_after_s,
+                predlog=self.predlog,
+            )
             self.feedback = FeedbackStore(predlog_settings, known=self.joiner.known)
             self.registry.register(PredLogCollector(self.predlog))
             self.registry.register(QualityCollector(self.joiner))

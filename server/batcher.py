@@ -1,17 +1,19 @@
-"""Dynamic batching: requests that arrive within a short window run as one onnxruntime call.
+"""Dynamic batching: concurrent requests for one model version run as one onnxruntime call.
 
-The window opens with the first queued request (never on a free-running wall-clock timer) and
-closes after `max_delay_s` or as soon as `max_batch_size` rows are waiting. Requests are only
-concatenated with others of the same non-batch shapes, dtypes and requested outputs; the outputs
-are split back by each request's row count, after checking the model returned one row per input row.
+Work-conserving: when no batch of this version is running, what is queued runs at once (after the
+requests already ready in the same loop iteration have joined), so a lone client pays no delay.
+While a batch runs, new requests queue; they run as the next batch when it finishes, when
+`max_batch_size` rows are waiting, or after `max_delay_s` from the first of them, whichever comes
+first. Requests are only concatenated with others of the same non-batch shapes, dtypes and
+requested outputs; the outputs are split back by row counts, after checking that the model
+returned one row per input row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +21,8 @@ import numpy as np
 from server.errors import GatewayError, Internal
 
 Tensors = dict[str, np.ndarray]
-RunBatch = Callable[[Tensors, Sequence[str]], Tensors]
+# (inputs, output names, rows) -> (outputs, onnxruntime ns); runs inline or on the executor
+RunBatch = Callable[[Tensors, Sequence[str], int], Awaitable[tuple[Tensors, int]]]
 
 
 @dataclass
@@ -45,23 +48,16 @@ class _Item:
 
 
 class Batcher:
-    def __init__(
-        self,
-        run_batch: RunBatch,
-        max_batch_size: int,
-        max_delay_s: float,
-        executor: Executor,
-        on_execution: Callable[[int, int], None],
-    ) -> None:
+    def __init__(self, run_batch: RunBatch, max_batch_size: int, max_delay_s: float) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self._executor = executor
-        self._on_execution = on_execution  # (batch rows, infer ns), called on the loop's thread
         self._pending: list[_Item] = []
         self._pending_rows = 0
+        self._running = 0  # batches of this version under way
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        self._flush_soon = False
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, inputs: Tensors, outputs: Sequence[str], rows: int) -> Result:
         loop = asyncio.get_running_loop()
@@ -70,11 +66,16 @@ class Batcher:
         self._pending_rows += rows
         if self._pending_rows >= self.max_batch_size:
             self._flush()
+        elif self._running == 0:
+            if not self._flush_soon:
+                self._flush_soon = True
+                loop.call_soon(self._flush)
         elif self._timer is None:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
         return await item.future
 
     def _flush(self) -> None:
+        self._flush_soon = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -95,46 +96,44 @@ class Batcher:
             self._start(chunk)
 
     def _start(self, items: list[_Item]) -> None:
+        self._running += 1
         task = asyncio.ensure_future(self._execute(items))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._running -= 1
+        if self._running == 0 and self._pending:
+            self._flush()
 
     async def _execute(self, items: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
         start = time.monotonic_ns()
+        rows = sum(i.rows for i in items)
+        first = items[0]
+        if len(items) == 1:
+            inputs = first.inputs
+        else:
+            inputs = {name: np.concatenate([i.inputs[name] for i in items]) for name in first.inputs}
         try:
-            outputs, infer_ns = await loop.run_in_executor(self._executor, self._run, items)
+            outputs, infer_ns = await self._run_batch(inputs, first.outputs, rows)
+            for name, array in outputs.items():
+                if array.ndim == 0 or array.shape[0] != rows:
+                    raise Internal(
+                        f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows: the model does "
+                        "not return one row per input row, so it cannot be batched; remove dynamic_batching from its config"
+                    )
         except BaseException as e:  # every waiting request must hear about it
-            error = e if isinstance(e, GatewayError) else Internal(f"batched run failed: {e}")
-            if not isinstance(e, GatewayError):
+            error = e if isinstance(e, GatewayError) else Internal(f"batched run failed: {type(e).__name__}: {e}")
+            if error is not e:
                 error.__cause__ = e
             for item in items:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
-        rows = sum(i.rows for i in items)
-        self._on_execution(rows, infer_ns)
         offset = 0
         for item in items:
             part = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(Result(part, start - item.enqueued_ns, infer_ns, rows))
-
-    def _run(self, items: list[_Item]) -> tuple[Tensors, int]:
-        first = items[0]
-        if len(items) == 1:
-            inputs = first.inputs
-        else:
-            inputs = {name: np.concatenate([i.inputs[name] for i in items]) for name in first.inputs}
-        t0 = time.monotonic_ns()
-        outputs = self._run_batch(inputs, first.outputs)
-        infer_ns = time.monotonic_ns() - t0
-        rows = sum(i.rows for i in items)
-        for name, array in outputs.items():
-            if array.ndim == 0 or array.shape[0] != rows:
-                raise Internal(
-                    f"output {name!r} has shape {list(array.shape)} for a batch of {rows} rows: the model does not "
-                    "return one row per input row, so it cannot be batched; remove dynamic_batching from its config"
-                )
-        return outputs, infer_ns

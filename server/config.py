@@ -52,6 +52,10 @@ class Settings:
     max_inflight: int = field(default=1024, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
     inference_threads: int = field(default=0, metadata={"help": "threads running onnxruntime (0: one per core)"})
     ort_intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads inside one run"})
+    inline_run_us: int = field(
+        default=150,
+        metadata={"help": "runs predicted shorter than this (us) stay on the event loop; 0: all on threads"},
+    )
     default_max_batch_size: int = field(
         default=1024, metadata={"help": "max_batch_size given to batchable models without config"}
     )
@@ -101,6 +105,7 @@ class Settings:
         _check(self.max_inflight >= 1, "max_inflight", self.max_inflight, "at least 1")
         _check(self.inference_threads >= 0, "inference_threads", self.inference_threads, "0 or more")
         _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")
+        _check(self.inline_run_us >= 0, "inline_run_us", self.inline_run_us, "0 or more microseconds")
         _check(self.default_max_batch_size >= 0, "default_max_batch_size", self.default_max_batch_size, "0 or more")
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "0 or more seconds")
         if self.predlog_dir is not None:

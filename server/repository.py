@@ -69,12 +69,14 @@ class Repository:
         control_mode: str,
         intra_op_threads: int,
         default_max_batch_size: int,
+        inline_run_ns: int = 0,
     ) -> None:
         self.root = root
         self.control_mode = control_mode
         self._executor = executor
         self._intra_op_threads = intra_op_threads
         self._default_max_batch_size = default_max_batch_size
+        self._inline_run_ns = inline_run_ns
         self._models: dict[str, Served] = {}
         self._lock = asyncio.Lock()
 
@@ -255,11 +257,12 @@ class Repository:
             path.parent,
             self._default_max_batch_size,
         )
+        loaded = ModelVersion(name, version, path, spec, runtime, self._executor, self._inline_run_ns)
         try:
-            runtime.warm_up()
+            loaded.ns_per_row = runtime.warm_up()
         except Exception as e:  # zeros are not valid input for every model; serving can still work
             log.warning("model %s version %s: warm-up run failed (%s); serving it cold", name, version, e)
-        return ModelVersion(name, version, path, spec, runtime, self._executor)
+        return loaded
 
     def _write_model_dir(self, name: str, config_json: str | None, files: Mapping[str, bytes]) -> None:
         """Triton's upload: the `config` and `file:<version>/<name>` load parameters become the model dir."""
