@@ -78,7 +78,9 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
             zipmap=False,
         )
     except Exception as error:  # onnxmltools raises several types for what it cannot map
-        raise ConversionError(f"onnxmltools cannot convert this LightGBM model: {type(error).__name__}: {error}") from error
+        raise ConversionError(
+            f"onnxmltools cannot convert this LightGBM model: {type(error).__name__}: {error}"
+        ) from error
 
     label_values = list(classes) if classes is not None else list(range(n_classes))
     produced = [o.name for o in model.graph.output]

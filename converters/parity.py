@@ -52,8 +52,10 @@ class ParityReport:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"parity {'passed' if self.passed else 'FAILED'} on {self.rows} rows ({self.sample});"
-                 f" atol {self.tolerance.atol:g}, rtol {self.tolerance.rtol:g} (values)"]
+        lines = [
+            f"parity {'passed' if self.passed else 'FAILED'} on {self.rows} rows ({self.sample});"
+            f" atol {self.tolerance.atol:g}, rtol {self.tolerance.rtol:g} (values)"
+        ]
         for out in self.outputs:
             if out.kind == "label":
                 line = f"  {out.name}: label agreement {out.label_agreement:.4%} ({out.ties} exact ties excused)"
@@ -175,7 +177,9 @@ def check(conversion: Conversion, rows: Rows, sample: str, tolerance: Tolerance 
     except ConversionError:
         raise
     except Exception as error:  # whatever the original library raises, the user needs to see it
-        raise ConversionError(f"the original model failed on the sample rows: {type(error).__name__}: {error}") from error
+        raise ConversionError(
+            f"the original model failed on the sample rows: {type(error).__name__}: {error}"
+        ) from error
     onnx = run_onnx(conversion, rows)
     specs = {s.name: s for s in conversion.outputs}
     ties = _ties(native, tolerance)

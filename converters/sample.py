@@ -124,7 +124,9 @@ def read_file(path: str | Path, inputs: list[TensorSpec]) -> Rows:
         raise ConversionError(f"sample file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return _from_arrays({inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else {}, inputs, path)
+        return _from_arrays(
+            {inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else {}, inputs, path
+        )
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             return _from_arrays({k: archive[k] for k in archive.files}, inputs, path)

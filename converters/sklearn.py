@@ -46,7 +46,9 @@ def load(path: Path) -> Any:
             f"{path.name}: unpickling needs the Python module {error.name!r}, which is not installed"
         ) from error
     except Exception as error:  # pickle raises many types for a corrupt file
-        raise ConversionError(f"{path.name} is not a readable pickle/joblib file: {type(error).__name__}: {error}") from error
+        raise ConversionError(
+            f"{path.name} is not a readable pickle/joblib file: {type(error).__name__}: {error}"
+        ) from error
 
 
 def _walk(estimator: Any) -> Iterator[Any]:
@@ -114,7 +116,10 @@ def _initial_types(inputs: list[TensorSpec]) -> list[tuple[str, Any]]:
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
     return [
-        (s.name, StringTensorType([None, *s.shape[1:]]) if s.datatype == "BYTES" else FloatTensorType([None, *s.shape[1:]]))
+        (
+            s.name,
+            StringTensorType([None, *s.shape[1:]]) if s.datatype == "BYTES" else FloatTensorType([None, *s.shape[1:]]),
+        )
         for s in inputs
     ]
 
@@ -127,9 +132,7 @@ def _native_frame(model: Any, rows: Rows, inputs: list[TensorSpec], per_column: 
     import pandas as pd
 
     if per_column:
-        data = {
-            s.name: rows[s.name][:, 0].astype(object if s.datatype == "BYTES" else np.float64) for s in inputs
-        }
+        data = {s.name: rows[s.name][:, 0].astype(object if s.datatype == "BYTES" else np.float64) for s in inputs}
         return pd.DataFrame(data, columns=names)
     return pd.DataFrame(rows["input"].astype(np.float64), columns=names)
 

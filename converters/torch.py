@@ -106,13 +106,24 @@ def _export(module: Any, example: Any, output_names: list[str]) -> onnx.ModelPro
                 warnings.simplefilter("ignore")  # the exporters warn about their own deprecations
                 if dynamo:
                     program = torch.onnx.export(
-                        module, (example,), input_names=["input"], output_names=output_names,
-                        dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET, dynamo=True,
+                        module,
+                        (example,),
+                        input_names=["input"],
+                        output_names=output_names,
+                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                        opset_version=OPSET,
+                        dynamo=True,
                     )
                     return onnx.load_from_string(program.model_proto.SerializeToString())
                 torch.onnx.export(
-                    module, (example,), buffer, input_names=["input"], output_names=output_names,
-                    dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                    module,
+                    (example,),
+                    buffer,
+                    input_names=["input"],
+                    output_names=output_names,
+                    dynamic_axes=axes,
+                    opset_version=OPSET,
+                    dynamo=False,
                 )
                 return onnx.load_from_string(buffer.getvalue())
         except Exception as error:  # each exporter fails in its own ways; the user sees both reasons

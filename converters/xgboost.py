@@ -33,8 +33,17 @@ from converters.base import (
 TARGET_OPSET = 15
 
 _CLASSIFIERS = ("binary:logistic", "multi:softprob", "multi:softmax")
-_REGRESSORS = ("reg:squarederror", "reg:squaredlogerror", "reg:pseudohubererror", "reg:absoluteerror",
-               "reg:logistic", "reg:gamma", "reg:tweedie", "count:poisson", "reg:quantileerror")
+_REGRESSORS = (
+    "reg:squarederror",
+    "reg:squaredlogerror",
+    "reg:pseudohubererror",
+    "reg:absoluteerror",
+    "reg:logistic",
+    "reg:gamma",
+    "reg:tweedie",
+    "count:poisson",
+    "reg:quantileerror",
+)
 
 
 def _xgboost() -> Any:
@@ -121,7 +130,9 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
             booster, initial_types=[("input", FloatTensorType([None, n_features]))], target_opset=TARGET_OPSET
         )
     except Exception as error:  # onnxmltools raises RuntimeError, AttributeError, ... on what it cannot map
-        raise ConversionError(f"onnxmltools cannot convert this XGBoost model: {type(error).__name__}: {error}") from error
+        raise ConversionError(
+            f"onnxmltools cannot convert this XGBoost model: {type(error).__name__}: {error}"
+        ) from error
 
     produced = [o.name for o in model.graph.output]
     label_values = list(classes) if classes is not None else list(range(n_classes))

@@ -91,9 +91,17 @@ def test_xgboost_model_trained_by_debian_cli(tmp_path: Path) -> None:
     lines = [f"0 " + " ".join(f"{i}:{v:.6f}" for i, v in enumerate(row)) for row in ROWS]  # noqa: F541
     (tmp_path / "rows.libsvm").write_text("\n".join(lines) + "\n")
     subprocess.run(
-        ["xgboost", "train.conf", "task=pred", "model_in=cli-model.json", "test:data=rows.libsvm?format=libsvm",
-         "name_pred=pred.txt"],
-        cwd=tmp_path, check=True, capture_output=True,
+        [
+            "xgboost",
+            "train.conf",
+            "task=pred",
+            "model_in=cli-model.json",
+            "test:data=rows.libsvm?format=libsvm",
+            "name_pred=pred.txt",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
     )
     positive = np.loadtxt(tmp_path / "pred.txt")
     rounded = np.array([[float(f"{v:.6f}") for v in row] for row in ROWS], dtype=np.float32)
@@ -140,7 +148,9 @@ def test_catboost_cbm(tmp_path: Path, case: str) -> None:
     if case == "regression":
         model = catboost.CatBoostRegressor(iterations=25, depth=3, verbose=0, random_seed=0).fit(X, LARGE)
     elif case == "multiclass":
-        model = catboost.CatBoostClassifier(iterations=25, depth=3, verbose=0, random_seed=0, loss_function="MultiClass")
+        model = catboost.CatBoostClassifier(
+            iterations=25, depth=3, verbose=0, random_seed=0, loss_function="MultiClass"
+        )
         model.fit(X, MULTI)
     else:
         model = catboost.CatBoostClassifier(iterations=25, depth=3, verbose=0, random_seed=0)

@@ -82,17 +82,24 @@ def test_label_disagreement_is_reported_and_ties_are_excused() -> None:
         from onnx import TensorProto, helper
 
         graph = helper.make_graph(
-            [helper.make_node("ArgMax", ["input"], ["label"], axis=1, keepdims=0),
-             helper.make_node("Identity", ["input"], ["probabilities"])],
+            [
+                helper.make_node("ArgMax", ["input"], ["label"], axis=1, keepdims=0),
+                helper.make_node("Identity", ["input"], ["probabilities"]),
+            ],
             "g",
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2])],
-            [helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
-             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+            [
+                helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+                helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2]),
+            ],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         return Conversion(
-            model=model, inputs=converters.graph.graph_inputs(model), outputs=converters.graph.graph_outputs(model),
-            task="classification", framework="test",
+            model=model,
+            inputs=converters.graph.graph_inputs(model),
+            outputs=converters.graph.graph_outputs(model),
+            task="classification",
+            framework="test",
             predict_native=lambda rows: {"label": np.array(labels), "probabilities": np.array(probabilities)},
         )
 

@@ -47,7 +47,10 @@ def test_converted_models_are_served_by_the_gateway(tmp_path: Path, start_gatewa
     target = np.where((frame.plan == "basic") & (frame.tenure < 24), "leaves", "stays")
     pipeline = Pipeline(
         [
-            ("prep", ColumnTransformer([("num", StandardScaler(), ["tenure", "spend"]), ("cat", OneHotEncoder(), ["plan"])])),
+            (
+                "prep",
+                ColumnTransformer([("num", StandardScaler(), ["tenure", "spend"]), ("cat", OneHotEncoder(), ["plan"])]),
+            ),
             ("forest", RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0)),
         ]
     ).fit(frame, target)

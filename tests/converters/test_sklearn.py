@@ -47,7 +47,10 @@ def test_pipeline_with_column_transformer_and_string_column(tmp_path: Path) -> N
             (
                 "columns",
                 ColumnTransformer(
-                    [("num", StandardScaler(), ["age", "income"]), ("cat", OneHotEncoder(handle_unknown="ignore"), ["city"])]
+                    [
+                        ("num", StandardScaler(), ["age", "income"]),
+                        ("cat", OneHotEncoder(handle_unknown="ignore"), ["city"]),
+                    ]
                 ),
             ),
             ("model", LogisticRegression(max_iter=500)),
