@@ -110,7 +110,7 @@ def main() -> None:
                 "p50_ms_c1": [r["p50_ms"] for r in by_c[1]],
                 "client_cpu_c32": [r["client_cpu"] for r in by_c[32]],
             }
-        med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in summary.items() if isinstance(s, dict)}  # type: ignore[union-attr]
+        med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in summary.items() if isinstance(s, dict)}
         summary["rps_ratio_c32"] = round(med["onnxgate"]["rps_c32"] / med["baseline"]["rps_c32"], 3)
         summary["p50_delta_ms_c1"] = round(med["onnxgate"]["p50_ms_c1"] - med["baseline"]["p50_ms_c1"], 3)
         print(json.dumps(summary, indent=1))
