@@ -19,11 +19,17 @@ from tests.models import matmul_square, write_version
 
 def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
     config = tmp_path / "onnxgate.toml"
-    config.write_text('model_repository = "/models"\ngrpc_port = 9001\nmetrics_port = 9002\nmodel-control-mode = "poll"\n')
+    config.write_text(
+        'model_repository = "/models"\ngrpc_port = 9001\nmetrics_port = 9002\nmodel-control-mode = "poll"\n'
+    )
     env = {"ONNXGATE_GRPC_PORT": "9100", "ONNXGATE_LOAD_MODEL": "a,b"}
     settings = load_settings(config, env=env, flags={"metrics_port": "9200"})
     assert settings == Settings(
-        model_repository=Path("/models"), grpc_port=9100, metrics_port=9200, model_control_mode="poll", load_model=("a", "b")
+        model_repository=Path("/models"),
+        grpc_port=9100,
+        metrics_port=9200,
+        model_control_mode="poll",
+        load_model=("a", "b"),
     )
     assert load_settings(env={"ONNXGATE_CONFIG": str(config)}).grpc_port == 9001
 
@@ -33,8 +39,16 @@ def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
     [
         ({"grpc_port": "eighty"}, {}, "flag --grpc-port: setting grpc_port = 'eighty' is not a valid int"),
         ({"grpc_port": 70000}, {}, "grpc_port = 70000 is invalid: expected a port number 0-65535"),
-        ({}, {"ONNXGATE_MODEL_CONTROL_MODE": "sometimes"}, "model_control_mode = 'sometimes' is invalid: expected one of none, poll, explicit"),
-        ({}, {"ONNXGATE_EXAMPLE": "maybe"}, "environment variable ONNXGATE_EXAMPLE: setting example = 'maybe' is not a valid bool"),
+        (
+            {},
+            {"ONNXGATE_MODEL_CONTROL_MODE": "sometimes"},
+            "model_control_mode = 'sometimes' is invalid: expected one of none, poll, explicit",
+        ),
+        (
+            {},
+            {"ONNXGATE_EXAMPLE": "maybe"},
+            "environment variable ONNXGATE_EXAMPLE: setting example = 'maybe' is not a valid bool",
+        ),
         ({"poll_interval_s": "0"}, {}, "poll_interval_s = 0.0 is invalid"),
     ],
 )
@@ -103,7 +117,9 @@ def test_serve_example_builds_and_serves(spawn_gateway, tmp_path: Path) -> None:
 
 def test_generated_protocol_code_is_up_to_date(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, str(repo / "proto" / "generate.py"), "--out", str(tmp_path)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(repo / "proto" / "generate.py"), "--out", str(tmp_path)], check=True, timeout=120
+    )
     committed = repo / "server" / "pb"
     fresh = {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()}
     current = {p.name: p.read_text() for p in committed.iterdir() if p.is_file()}

@@ -25,7 +25,9 @@ def node() -> str:
 
 def test_node_grpc_js_client(node: str, start_gateway, example_repository: Path) -> None:  # type: ignore[no-untyped-def]
     handle = start_gateway(example_repository)
-    run = subprocess.run([node, str(NODE_DIR / "client.js"), handle.address], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [node, str(NODE_DIR / "client.js"), handle.address], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["live"] is True and result["server"]["name"] == "onnxgate"
