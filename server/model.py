@@ -25,7 +25,7 @@ from server.errors import InvalidArgument
 from server.modelspec import ModelSpec, TensorSpec
 from server.runtime import OnnxModel
 from server.stats import VersionStats
-from server.tensors import BY_NUMPY, InferRequest, classify
+from server.tensors import BY_NUMPY, DATATYPES, InferRequest, classify
 
 Tensors = dict[str, np.ndarray]
 
@@ -45,36 +45,43 @@ class ModelVersion:
     ns_per_row: float | None = None
 
     def __post_init__(self) -> None:
+        # what every request is checked against, worked out once
+        self._inputs = {t.name: (t, _numpy_dtype(t.datatype)) for t in self.spec.inputs}
+        self._output_names = [o.name for o in self.spec.outputs]
+        self.version_str = str(self.version)
         delay = self.spec.dynamic_batching_delay_s
         if delay is not None:
             self.batcher = Batcher(self._run, self.spec.max_batch_size, delay)
 
-    def measure(self, rows: int, infer_ns: int) -> None:
+    def _run_here(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
+        t0 = time.monotonic_ns()
+        outputs = self.runtime.predict(inputs, output_names)
+        infer_ns = time.monotonic_ns() - t0
         per_row = infer_ns / max(rows, 1)
         self.ns_per_row = per_row if self.ns_per_row is None else 0.9 * self.ns_per_row + 0.1 * per_row
-
-    async def _run(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
-        def run() -> tuple[Tensors, int]:
-            t0 = time.monotonic_ns()
-            outputs = self.runtime.predict(inputs, output_names)
-            return outputs, time.monotonic_ns() - t0
-
-        if self.ns_per_row is not None and self.ns_per_row * rows < self.inline_run_ns:
-            outputs, infer_ns = run()
-        else:
-            outputs, infer_ns = await asyncio.get_running_loop().run_in_executor(self.executor, run)
-        self.measure(rows, infer_ns)
         self.stats.record_execution(rows, 0, infer_ns, 0)
         return outputs, infer_ns
+
+    def _inline(self, rows: int) -> bool:
+        return self.ns_per_row is not None and self.ns_per_row * rows < self.inline_run_ns
+
+    async def _run(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
+        if self._inline(rows):
+            return self._run_here(inputs, output_names, rows)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run_here, inputs, output_names, rows)
 
     async def infer(self, request: InferRequest) -> Tensors:
         start = time.monotonic_ns()
         try:
-            output_names = self._output_names(request)
+            output_names = self._outputs_of(request)
             rows = self._check_inputs(request.inputs)
             if self.batcher is not None:
                 result = await self.batcher.submit(request.inputs, output_names, rows)
                 outputs, queue_ns, infer_ns = result.outputs, result.queue_ns, result.infer_ns
+            elif self._inline(rows):  # the common case for small models: no coroutine, no thread hop
+                outputs, infer_ns = self._run_here(request.inputs, output_names, rows)
+                queue_ns = 0
             else:
                 queued = time.monotonic_ns()
                 outputs, infer_ns = await self._run(request.inputs, output_names, rows)
@@ -87,44 +94,51 @@ class ModelVersion:
         self.stats.record_request(rows, time.monotonic_ns() - start, queue_ns, 0, infer_ns, 0)
         return outputs
 
-    def _output_names(self, request: InferRequest) -> list[str]:
+    def _outputs_of(self, request: InferRequest) -> list[str]:
         if not request.outputs:
-            return [o.name for o in self.spec.outputs]
+            return self._output_names
         for name in request.outputs:
             if self.spec.output(name) is None:
                 raise InvalidArgument(
                     f"model {self.name!r} version {self.version} has no output {name!r}; "
-                    f"its outputs are {', '.join(o.name for o in self.spec.outputs)}"
+                    f"its outputs are {', '.join(self._output_names)}"
                 )
         return request.outputs
 
     def _check_inputs(self, inputs: Tensors) -> int:
         """Validate names, datatypes and shapes; returns the batch size (1 for unbatched models)."""
-        expected = {t.name: t for t in self.spec.inputs}
+        expected = self._inputs
         if len(inputs) != len(expected) or any(n not in expected for n in inputs):
-            self._names_error(inputs, expected)
-        rows: int | None = None
+            self._names_error(inputs)
+        max_batch = self.spec.max_batch_size
+        rows = -1
         for name, array in inputs.items():
-            spec = expected[name]
-            datatype = "BYTES" if array.dtype == object else BY_NUMPY[array.dtype].name
-            if datatype != spec.datatype:
+            spec, dtype = expected[name]
+            if array.dtype != dtype:
+                sent = "BYTES" if array.dtype == object else BY_NUMPY[array.dtype].name
                 raise InvalidArgument(
-                    f"input {name!r}: datatype {datatype} sent, model {self.name!r} expects {spec.datatype}"
+                    f"input {name!r}: datatype {sent} sent, model {self.name!r} expects {spec.datatype}"
                 )
-            _check_shape(name, array.shape, spec)
-            if self.spec.max_batch_size > 0:
-                batch = array.shape[0]
-                if batch > self.spec.max_batch_size:
+            shape = array.shape
+            if len(shape) != len(spec.shape):
+                _shape_error(name, shape, spec)
+            for want, got in zip(spec.shape, shape, strict=True):
+                if want != got and want != -1:
+                    _shape_error(name, shape, spec)
+            if max_batch > 0:
+                batch = shape[0]
+                if batch > max_batch:
                     raise InvalidArgument(
-                        f"input {name!r}: batch of {batch} exceeds max_batch_size {self.spec.max_batch_size} of "
+                        f"input {name!r}: batch of {batch} exceeds max_batch_size {max_batch} of "
                         f"model {self.name!r}; split the request"
                     )
-                if rows is not None and batch != rows:
+                if rows != -1 and batch != rows:
                     raise InvalidArgument(f"inputs disagree on the batch size: {rows} and {batch} ({name!r})")
                 rows = batch
-        return rows if rows is not None else 1
+        return rows if rows != -1 else 1
 
-    def _names_error(self, inputs: Tensors, expected: dict[str, TensorSpec]) -> None:
+    def _names_error(self, inputs: Tensors) -> None:
+        expected = self._inputs
         unknown = [n for n in inputs if n not in expected]
         missing = [n for n in expected if n not in inputs]
         parts = []
@@ -138,8 +152,12 @@ class ModelVersion:
         )
 
 
-def _check_shape(name: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
-    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)):
-        raise InvalidArgument(
-            f"input {name!r}: shape {list(shape)} sent, the model expects {list(spec.shape)} (-1: any size)"
-        )
+def _shape_error(name: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
+    raise InvalidArgument(
+        f"input {name!r}: shape {list(shape)} sent, the model expects {list(spec.shape)} (-1: any size)"
+    )
+
+
+def _numpy_dtype(datatype: str) -> np.dtype:
+    numpy = DATATYPES[datatype].numpy
+    return numpy if numpy is not None else np.dtype(object)

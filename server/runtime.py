@@ -32,11 +32,16 @@ class OnnxModel:
         self.inputs: list[TensorSpec] = onnx_signature(list(self.session.get_inputs()))
         self.outputs: list[TensorSpec] = onnx_signature(list(self.session.get_outputs()))
         self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
+        self._run = self.session._sess.run
 
     def predict(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
-        feed = {name: _to_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
+        feed = inputs
+        if self._string_inputs:
+            feed = {name: _to_ort_strings(name, a) if name in self._string_inputs else a for name, a in inputs.items()}
         try:
-            values = self.session.run(list(output_names), feed)
+            # the session's own run() first re-validates the input names, which ModelVersion has
+            # checked already; on small models that check is a tenth of the whole request
+            values = self._run(output_names, feed, None)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             # inputs passed our checks yet the graph refused them (a dimension it fixes internally)
             raise InvalidArgument(f"the model refused the inputs: {e}") from e

@@ -107,11 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.repository.get(request.name, request.version).spec.config)
 
-    @grpc_errors
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._infer(request)
-
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: Context | None = None) -> pb.ModelInferResponse:
         state = self.state
         if state.draining:
             raise Unavailable("server is shutting down; retry on another replica")
@@ -123,7 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             version = self.repository.get(infer.model, infer.version)
             outputs = await version.infer(infer)
             if self.record is None:
-                return encode_response(infer.model, str(version.version), infer.id, outputs)
+                return encode_response(infer.model, version.version_str, infer.id, outputs)
             # feedback is keyed by this id: a request without one gets one, returned in the response
             request_id = infer.id or uuid.uuid4().hex
             response = encode_response(infer.model, str(version.version), request_id, outputs)
@@ -131,6 +127,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
         finally:
             state.inflight -= 1
+
+    # the hot path: one coroutine frame less than a method that awaits _infer
+    ModelInfer = grpc_errors(_infer)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context

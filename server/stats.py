@@ -41,23 +41,35 @@ class VersionStats:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
+    # plain field updates, no helper calls: these run once or twice for every request
     def record_request(
         self, rows: int, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.inference_count += rows
-        self.success.add(total_ns)
-        self.queue.add(queue_ns)
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
+        success, queue, infer = self.success, self.queue, self.compute_infer
+        success.count += 1
+        success.ns += total_ns
+        queue.count += 1
+        queue.ns += queue_ns
+        infer.count += 1
+        infer.ns += infer_ns
+        self.compute_input.count += 1
+        self.compute_input.ns += input_ns
+        self.compute_output.count += 1
+        self.compute_output.ns += output_ns
 
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.execution_count += 1
-        batch = self.batches.setdefault(batch_size, BatchStats())
-        batch.compute_input.add(input_ns)
-        batch.compute_infer.add(infer_ns)
-        batch.compute_output.add(output_ns)
+        batch = self.batches.get(batch_size)
+        if batch is None:
+            batch = self.batches[batch_size] = BatchStats()
+        batch.compute_input.count += 1
+        batch.compute_input.ns += input_ns
+        batch.compute_infer.count += 1
+        batch.compute_infer.ns += infer_ns
+        batch.compute_output.count += 1
+        batch.compute_output.ns += output_ns
 
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)
