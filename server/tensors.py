@@ -136,6 +136,11 @@ def decode_raw(data: bytes, dtype: DataType, shape: tuple[int, ...], name: str) 
 
 
 def _decode_bytes_elements(data: bytes, count: int, name: str) -> np.ndarray:
+    if count * 4 > len(data):  # checked before allocating: the shape is the client's claim
+        raise InvalidArgument(
+            f"input {name!r}: {len(data)} bytes of raw BYTES contents cannot hold {count} elements "
+            "(each element is a 4-byte little-endian length followed by its bytes)"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(data)
     offset = 0

@@ -101,13 +101,22 @@ def test_bytes_errors_truncated_and_leftover(start_gateway, repo: Path) -> None:
     assert stub.ModelInfer(request(good)).outputs[0].shape == [1, 3]
     for raw, message in (
         (good[:-1], "declares 2 bytes but only 1 remain"),
-        (good[:9], "end after 1 of 3 elements"),
+        (good[:9], "9 bytes of raw BYTES contents cannot hold 3 elements"),
+        (good[:13], "end after 2 of 3 elements"),
         (good + b"x", "1 bytes left over"),
         (struct.pack("<I", 1) + b"\xff" + good[6:], "not UTF-8"),
     ):
         err = call_error(stub, request(raw))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in err.details()
+    # a shape claiming a trillion elements is refused before anything is allocated for it
+    huge = pb.ModelInferRequest(
+        model_name="text",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="x", datatype="BYTES", shape=[10**12, 3])],
+        raw_input_contents=[good],
+    )
+    err = call_error(stub, huge)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot hold 3000000000000 elements" in err.details()
 
 
 def test_typed_contents_errors(start_gateway, repo: Path) -> None:  # type: ignore[no-untyped-def]
