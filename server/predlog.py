@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import numpy as np
 import pyarrow as pa
@@ -124,15 +124,26 @@ def predlog_settings(s: Settings) -> PredLogSettings:
         except ValueError:
             raise ValueError(f"predlog_sample_rate for {model}: {rates.get(model)!r} is not a number") from None
         choice = what.get(model, what.get("*", "both"))
-        return ModelLogPolicy(sample_rate=rate, log_inputs=choice != "outputs", log_outputs=choice != "inputs",
-                              exclude_inputs=frozenset(excluded.get(model, set()) | excluded.get("*", set())))
+        return ModelLogPolicy(
+            sample_rate=rate,
+            log_inputs=choice != "outputs",
+            log_outputs=choice != "inputs",
+            exclude_inputs=frozenset(excluded.get(model, set()) | excluded.get("*", set())),
+        )
 
     models = {m: policy(m) for m in {*rates, *what, *excluded} - {"*"}}
     return PredLogSettings(
-        s.predlog_dir, replica_id=s.predlog_replica_id or default_replica_id(), queue_size=s.predlog_queue_size,
-        flush_records=s.predlog_flush_records, flush_ms=s.predlog_flush_ms, retention_s=s.predlog_retention_s,
-        default_policy=policy("*"), models=models, join_interval_s=s.predlog_join_interval_s,
-        unknown_after_s=s.predlog_unknown_after_s)
+        s.predlog_dir,
+        replica_id=s.predlog_replica_id or default_replica_id(),
+        queue_size=s.predlog_queue_size,
+        flush_records=s.predlog_flush_records,
+        flush_ms=s.predlog_flush_ms,
+        retention_s=s.predlog_retention_s,
+        default_policy=policy("*"),
+        models=models,
+        join_interval_s=s.predlog_join_interval_s,
+        unknown_after_s=s.predlog_unknown_after_s,
+    )
 
 
 def _pair(entry: str, sep: str, setting: str) -> tuple[str, str]:
@@ -169,6 +180,8 @@ class PredictionLog:
         self._rates = {name: p.sample_rate for name, p in settings.models.items()}
         self._default_rate = settings.default_policy.sample_rate
         self._count_lock = threading.Lock()  # taken only on the drop / sample-out paths
+        self._flush_records = settings.flush_records
+        self._wake = threading.Event()
         self.dropped = 0
         self.sampled_out = 0
         self.written = 0
@@ -202,12 +215,16 @@ class PredictionLog:
         except queue.Full:
             with self._count_lock:
                 self.dropped += 1
+            return
+        if self._queue.qsize() >= self._flush_records:
+            self._wake.set()
 
     # -- control -------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Write everything recorded so far; True once it is durable."""
         request = _Flush()
         self._queue.put(request, timeout=timeout)
+        self._wake.set()
         return request.done.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -215,6 +232,7 @@ class PredictionLog:
         if not self._thread.is_alive():
             return
         self._queue.put(_STOP, timeout=timeout)
+        self._wake.set()
         self._thread.join(timeout)
 
     def queue_depth(self) -> int:
@@ -260,35 +278,42 @@ class PredictionLog:
 
     def _run(self) -> None:
         flush_s = self.settings.flush_ms / 1000.0
-        pending: list[Prediction] = []
-        deadline = 0.0
         while True:
-            timeout = max(0.0, deadline - time.monotonic()) if pending else min(flush_s, 1.0)
+            # Block for the first record of a flush window: one wake-up per window, not one per record
+            # (a writer woken by every put costs the serving threads GIL hand-offs).
             try:
-                item = self._queue.get(timeout=timeout)
+                first = self._queue.get(timeout=1.0)
             except queue.Empty:
-                item = None
-            control = None
-            if isinstance(item, Prediction):
-                if not pending:
-                    deadline = time.monotonic() + flush_s
-                pending.append(item)
-                control = self._drain_into(pending)
-            elif item is not None:
-                control = item
-            due = len(pending) >= self.settings.flush_records or (pending and time.monotonic() >= deadline)
-            if pending and (due or control is not None):
+                self._roll_idle()
+                continue
+            pending: list[Prediction] = []
+            control: object | None = first
+            if isinstance(first, Prediction):
+                pending.append(first)
+                control = self._fill(pending, time.monotonic() + flush_s)
+            if pending:
                 self._write(pending)
-                pending = []
             if isinstance(control, _Flush):
                 control.done.set()
             if control is _STOP:
                 for writer in self._segments.values():
                     writer.close()
                 return
-            if not pending:
-                for writer in self._segments.values():
-                    writer.maybe_roll()
+            self._roll_idle()
+
+    def _fill(self, pending: list[Prediction], deadline: float) -> object | None:
+        """Collect records until N are pending or the deadline passes; returns a control item met."""
+        while True:
+            control = self._drain_into(pending)
+            remaining = deadline - time.monotonic()
+            if control is not None or len(pending) >= self.settings.flush_records or remaining <= 0:
+                return control
+            self._wake.wait(remaining)  # set by record() at N queued, and by flush()/close()
+            self._wake.clear()
+
+    def _roll_idle(self) -> None:
+        for writer in self._segments.values():
+            writer.maybe_roll()
 
     def _drain_into(self, pending: list[Prediction]) -> object | None:
         """Take what is already queued, up to a full flush; returns a control item met on the way."""
@@ -351,6 +376,18 @@ def _names(maps: Iterator[Mapping[str, np.ndarray]]) -> set[str]:
 
 
 def _add_tensor(columns: dict[str, pa.Array], column: str, arrays: list[np.ndarray | None]) -> None:
+    first = arrays[0]
+    if first is not None and all(a is not None and a.shape == first.shape for a in arrays):
+        # the usual case, one shape for the whole flush: no per-record numpy calls (the writer's CPU
+        # time is taken from the serving threads through the GIL)
+        n, size, ndim = len(arrays), first.size, first.ndim
+        offsets = np.arange(n + 1, dtype=np.int64) * size
+        flat: np.ndarray = np.concatenate(cast(list[np.ndarray], arrays), axis=None)
+        columns[column] = pa.LargeListArray.from_arrays(pa.array(offsets), _values(flat))
+        shape_offsets = pa.array(np.arange(n + 1, dtype=np.int32) * ndim)
+        shapes = pa.array(np.tile(np.asarray(first.shape, np.int64), n), pa.int64())
+        columns[column + SHAPE_SUFFIX] = pa.ListArray.from_arrays(shape_offsets, shapes)
+        return
     present = [np.asarray(a) for a in arrays if a is not None]
     sizes = np.array([0 if a is None else np.size(a) for a in arrays], dtype=np.int64)
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
@@ -359,8 +396,8 @@ def _add_tensor(columns: dict[str, pa.Array], column: str, arrays: list[np.ndarr
     flat = np.concatenate([a.ravel() for a in present]) if present else np.zeros(0, np.float32)
     mask = None if missing is None else pa.array(missing)
     columns[column] = pa.LargeListArray.from_arrays(pa.array(offsets), _values(flat), mask=mask)
-    shapes = [[] if a is None else list(np.shape(a)) for a in arrays]
-    columns[column + SHAPE_SUFFIX] = pa.array(shapes, pa.list_(pa.int64()), mask=missing)
+    shape_lists = [[] if a is None else list(np.shape(a)) for a in arrays]
+    columns[column + SHAPE_SUFFIX] = pa.array(shape_lists, pa.list_(pa.int64()), mask=missing)
 
 
 def _values(flat: np.ndarray) -> pa.Array:

@@ -71,9 +71,13 @@ def test_flushes_every_t_ms(tmp_path: Path) -> None:
 
 def test_record_layout_values_and_shapes(tmp_path: Path) -> None:
     log = PredictionLog(settings(tmp_path))
-    log.record("a", "m", "2", {"x": np.arange(6, dtype=np.float32).reshape(2, 3),
-                               "name": np.array([b"ann", b"bob"], dtype=object)},
-               {"y": np.array([1.5, 2.5], np.float64)})
+    log.record(
+        "a",
+        "m",
+        "2",
+        {"x": np.arange(6, dtype=np.float32).reshape(2, 3), "name": np.array([b"ann", b"bob"], dtype=object)},
+        {"y": np.array([1.5, 2.5], np.float64)},
+    )
     log.close()
     [path] = list((tmp_path / "r1" / "m").glob("predictions-*.parquet"))  # rolled to Parquet on close
     row = pq.read_table(path).to_pylist()[0]
@@ -84,9 +88,11 @@ def test_record_layout_values_and_shapes(tmp_path: Path) -> None:
 
 
 def test_per_model_choice_of_what_is_logged(tmp_path: Path) -> None:
-    models = {"private": ModelLogPolicy(exclude_inputs=frozenset({"email"})),
-              "outputs_only": ModelLogPolicy(log_inputs=False),
-              "inputs_only": ModelLogPolicy(log_outputs=False)}
+    models = {
+        "private": ModelLogPolicy(exclude_inputs=frozenset({"email"})),
+        "outputs_only": ModelLogPolicy(log_inputs=False),
+        "inputs_only": ModelLogPolicy(log_outputs=False),
+    }
     log = PredictionLog(settings(tmp_path, models=models))
     inputs = {"x": np.ones((1, 2), np.float32), "email": np.array([b"a@b.c"], dtype=object)}
     outputs = {"y": np.zeros(1, np.float32)}
@@ -105,8 +111,9 @@ def test_per_model_choice_of_what_is_logged(tmp_path: Path) -> None:
 
 
 def test_sampling_rate_per_model(tmp_path: Path) -> None:
-    log = PredictionLog(settings(tmp_path, models={"half": ModelLogPolicy(sample_rate=0.5),
-                                                   "none": ModelLogPolicy(sample_rate=0.0)}))
+    log = PredictionLog(
+        settings(tmp_path, models={"half": ModelLogPolicy(sample_rate=0.5), "none": ModelLogPolicy(sample_rate=0.0)})
+    )
     for i in range(2000):
         record_iris(log, f"h{i}", [0, 0, 0, 0], 0, model="half")
         record_iris(log, f"n{i}", [0, 0, 0, 0], 0, model="none")
@@ -186,8 +193,12 @@ for i in range(50, 10**9):  # keep writing until killed
 
 
 def test_flushed_predictions_survive_kill_9(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"flushed"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
@@ -199,3 +210,18 @@ def test_flushed_predictions_survive_kill_9(tmp_path: Path) -> None:
     assert ids[:50] == [f"p{i}" for i in range(50)]
     assert ids == [f"p{i}" for i in range(len(ids))]  # a prefix: nothing flushed is lost, nothing reordered
     assert len(ids) > 50
+
+
+def test_uniform_and_mixed_flushes_share_one_schema() -> None:
+    from server.predlog import Prediction, build_batch
+
+    x = np.ones((1, 4), np.float32)
+    uniform = [Prediction("a", "m", "1", 0, {"x": x}, {}), Prediction("b", "m", "1", 0, {"x": x}, {})]
+    mixed = [
+        Prediction("c", "m", "1", 0, {"x": x}, {}),
+        Prediction("d", "m", "1", 0, {"x": np.ones((2, 4), np.float32)}, {}),
+    ]
+    a, b = build_batch(uniform, ModelLogPolicy(), "r"), build_batch(mixed, ModelLogPolicy(), "r")
+    assert a.schema.equals(b.schema)  # else every change of path would roll the segment
+    assert b.column("input.x.shape").to_pylist() == [[1, 4], [2, 4]]
+    assert a.column("input.x").to_pylist() == [[1.0] * 4] * 2
