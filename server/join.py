@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,11 @@ def read_predictions(
     *,
     with_inputs: bool = True,
     cache: dict[Path, pa.Table] | None = None,
+    on_segment: Callable[[Path, pa.Table], None] | None = None,
 ) -> pa.Table | None:
     """Every replica's predictions of the given models as one table (columns of all versions, nulls where
-    a version lacks one). `cache` keeps immutable Parquet segments between calls (the periodic joiner)."""
+    a version lacks one). `cache` keeps immutable Parquet segments between calls (the periodic joiner);
+    `on_segment` sees each segment's table."""
     tables = []
     live: set[Path] = set()
     for model_dir in model_dirs(log_dir, models):
@@ -60,6 +62,8 @@ def read_predictions(
             live.add(path)
             if table is not None and table.num_rows:
                 tables.append(table)
+                if on_segment is not None:
+                    on_segment(path, table)
     if cache is not None:
         for gone in set(cache) - live:  # removed by retention
             del cache[gone]
@@ -247,6 +251,7 @@ class Joiner:
         self._predlog = predlog
         self._cache: dict[Path, pa.Table] = {}
         self._ids: set[str] = set()
+        self._id_rows: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.snapshot: Snapshot | None = None
@@ -268,13 +273,21 @@ class Joiner:
     def run_once(self) -> Snapshot:
         with self._lock:
             recent = self._predlog.pop_recent_ids() if self._predlog is not None else set()
-            predictions = read_predictions(self.log_dir, with_inputs=False, cache=self._cache)
+            predictions = read_predictions(self.log_dir, with_inputs=False, cache=self._cache, on_segment=self._add_ids)
             view = dedupe_feedback(read_feedback(self.log_dir))
             joined = join(predictions, view, unknown_after_s=self.unknown_after_s)
-            ids = set(predictions["id"].to_pylist()) if predictions is not None else set()
-            self._ids = ids | recent
+            self._ids |= recent
             self.snapshot = Snapshot(joined, quality(joined))
             return self.snapshot
+
+    def _add_ids(self, path: Path, table: pa.Table) -> None:
+        # Only rows not seen before: a stream segment grows between joins, and its Parquet roll (same
+        # stem) holds the same rows; ids stay known after retention removes their segment.
+        stem = path.with_suffix("")
+        done = self._id_rows.get(stem, 0)
+        if table.num_rows > done:
+            self._ids.update(table["id"].slice(done).to_pylist())
+            self._id_rows[stem] = table.num_rows
 
     def report(self, model: str = "", max_unknown_ids: int = 0) -> fpb.FeedbackReportResponse:
         """A fresh join, summarised for FeedbackReport (optionally one model's share of it)."""

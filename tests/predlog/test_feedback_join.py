@@ -73,28 +73,56 @@ def test_status_accepted_when_the_prediction_is_known(tmp_path: Path) -> None:
     log.close()
 
 
-@pytest.mark.parametrize("request_, message", [
-    (fpb.FeedbackRequest(label="x"), "prediction_id"),
-    (fpb.FeedbackRequest(prediction_id="p"), "ground truth"),
-    (fpb.FeedbackRequest(prediction_id="p", value=math.nan), "finite"),
-    (fpb.FeedbackRequest(prediction_id="p", label=""), "label is empty"),
-    (fpb.FeedbackRequest(prediction_id="p", tensors=fpb.TruthTensors()), "tensors are empty"),
-    (fpb.FeedbackRequest(prediction_id="p", tensors=fpb.TruthTensors(tensors=[
-        fpb.TruthTensor(name="t", datatype="BYTES", shape=[1])])), "not a numeric datatype"),
-    (fpb.FeedbackRequest(prediction_id="p", tensors=fpb.TruthTensors(tensors=[
-        fpb.TruthTensor(name="t", datatype="FP32", shape=[1], contents={"int64_contents": [1]})])),
-     "expected fp32_contents"),
-    (fpb.FeedbackRequest(prediction_id="p", tensors=fpb.TruthTensors(tensors=[
-        fpb.TruthTensor(name="t", datatype="FP32", shape=[2], contents={"fp32_contents": [1]})])), "2 elements"),
-])
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (fpb.FeedbackRequest(label="x"), "prediction_id"),
+        (fpb.FeedbackRequest(prediction_id="p"), "ground truth"),
+        (fpb.FeedbackRequest(prediction_id="p", value=math.nan), "finite"),
+        (fpb.FeedbackRequest(prediction_id="p", label=""), "label is empty"),
+        (fpb.FeedbackRequest(prediction_id="p", tensors=fpb.TruthTensors()), "tensors are empty"),
+        (
+            fpb.FeedbackRequest(
+                prediction_id="p",
+                tensors=fpb.TruthTensors(tensors=[fpb.TruthTensor(name="t", datatype="BYTES", shape=[1])]),
+            ),
+            "not a numeric datatype",
+        ),
+        (
+            fpb.FeedbackRequest(
+                prediction_id="p",
+                tensors=fpb.TruthTensors(
+                    tensors=[fpb.TruthTensor(name="t", datatype="FP32", shape=[1], contents={"int64_contents": [1]})]
+                ),
+            ),
+            "expected fp32_contents",
+        ),
+        (
+            fpb.FeedbackRequest(
+                prediction_id="p",
+                tensors=fpb.TruthTensors(
+                    tensors=[fpb.TruthTensor(name="t", datatype="FP32", shape=[2], contents={"fp32_contents": [1]})]
+                ),
+            ),
+            "2 elements",
+        ),
+    ],
+)
 def test_bad_feedback_is_invalid_argument(request_: fpb.FeedbackRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         record_from_proto(request_)
 
 
 def test_tensor_and_reward_feedback_from_proto() -> None:
-    r = record_from_proto(fpb.FeedbackRequest(prediction_id="p", reward=0.5, tensors=fpb.TruthTensors(tensors=[
-        fpb.TruthTensor(name="t", datatype="INT64", shape=[1, 2], contents={"int64_contents": [1, 2]})])))
+    r = record_from_proto(
+        fpb.FeedbackRequest(
+            prediction_id="p",
+            reward=0.5,
+            tensors=fpb.TruthTensors(
+                tensors=[fpb.TruthTensor(name="t", datatype="INT64", shape=[1, 2], contents={"int64_contents": [1, 2]})]
+            ),
+        )
+    )
     assert r.tensors == (TruthTensor("t", "INT64", (1, 2), (1.0, 2.0)),) and r.reward == 0.5
     assert record_from_proto(fpb.FeedbackRequest(prediction_id="p", reward=0.0)).reward == 0.0
 
@@ -111,8 +139,10 @@ def _scenario(tmp_path: Path, unknown_after_s: float = 0.0) -> tuple[Joiner, Col
         record_iris(log1 if i < 6 else log2, f"p{i}", [i, i + 0.5, 0, 1], i % 3, version="1" if i < 4 else "2")
     log1.flush()
     log2.flush()
-    futures = [(fb1 if i % 2 else fb2).submit(make_record(f"p{i}", label=str(i % 3 if i != 4 else 0)))  # p4: wrong
-               for i in range(1, 6)]
+    futures = [
+        (fb1 if i % 2 else fb2).submit(make_record(f"p{i}", label=str(i % 3 if i != 4 else 0)))  # p4: wrong
+        for i in range(1, 6)
+    ]
     futures.append(fb2.submit(make_record("p1", label="1")))  # the same feedback again, other replica: dedupe
     futures.append(fb2.submit(make_record("p6", label="0", reward=1.0, feedback_id="f6")))
     futures.append(fb1.submit(make_record("ghost", label="1")))  # never predicted
@@ -132,6 +162,7 @@ def test_join_and_quality_across_two_replicas(tmp_path: Path) -> None:
     snap = joiner.run_once()
     j = snap.joined
     assert j.predictions == 8
+    assert joiner.known("p7") and joiner.known("p0") and not joiner.known("ghost")  # ids of both replicas
     assert sorted(p["id"] for p, _ in j.rows) == ["p0", "p1", "p2", "p3", "p4", "p5", "p6"]
     assert j.unknown == ["ghost", "p7"] and j.pending == []
     assert j.feedback.duplicates == 1
