@@ -25,16 +25,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pyarrow as pa
 
-from server.errors import GatewayError, InvalidArgument, ResourceExhausted
+from server.errors import InvalidArgument, ResourceExhausted
 from server.pb import feedback_pb2 as fpb
 from server.pb import feedback_pb2_grpc as fpb_grpc
 from server.pb import grpc_service_pb2 as pb
 from server.predlog import PredLogSettings
 from server.segments import SegmentWriter, read_segments
+from server.service import Context, grpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -310,28 +310,29 @@ class FeedbackStore:
 
 
 class FeedbackServicer(fpb_grpc.FeedbackServicer):
-    """onnxgate.v1.Feedback on grpc.aio; `report` answers FeedbackReport (the joiner's view)."""
+    """onnxgate.v1.Feedback on grpc.aio; `report` answers FeedbackReport (the joiner's view).
+
+    Errors go through service.grpc_errors like every RPC: InvalidArgument for bad feedback,
+    ResourceExhausted for a full feedback queue, INTERNAL (logged) when the append or fsync failed.
+    """
 
     def __init__(self, store: FeedbackStore, report: Callable[[str, int], fpb.FeedbackReportResponse]) -> None:
         self._store = store
         self._report = report
 
-    async def SendFeedback(
-        self,
-        request: fpb.FeedbackRequest,
-        context: grpc.aio.ServicerContext[fpb.FeedbackRequest, fpb.FeedbackResponse],
-    ) -> fpb.FeedbackResponse:
-        try:
-            record = record_from_proto(request)
-            status = await asyncio.wrap_future(self._store.submit(record))
-        except GatewayError as e:
-            await context.abort(e.code, e.message)
-        return fpb.FeedbackResponse(prediction_id=record.prediction_id, feedback_id=record.feedback_id, status=status)  # type: ignore[arg-type]
+    @grpc_errors
+    async def SendFeedback(self, request: fpb.FeedbackRequest, context: Context) -> fpb.FeedbackResponse:
+        record = record_from_proto(request)
+        status = await asyncio.wrap_future(self._store.submit(record))
+        return fpb.FeedbackResponse(
+            prediction_id=record.prediction_id,
+            feedback_id=record.feedback_id,
+            status=status,  # type: ignore[arg-type]
+        )
 
+    @grpc_errors
     async def StreamFeedback(
-        self,
-        request_iterator: AsyncIterator[fpb.FeedbackRequest],
-        context: grpc.aio.ServicerContext[fpb.FeedbackRequest, fpb.StreamFeedbackResponse],
+        self, request_iterator: AsyncIterator[fpb.FeedbackRequest], context: Context
     ) -> fpb.StreamFeedbackResponse:
         futures: list[asyncio.Future[int]] = []
         try:
@@ -342,9 +343,9 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
                     raise InvalidArgument(f"message {len(futures)}: {e.message}") from None
                 futures.append(asyncio.wrap_future(self._store.submit(record)))
             statuses = await asyncio.gather(*futures)
-        except GatewayError as e:
-            await asyncio.gather(*futures, return_exceptions=True)  # the accepted prefix is durable
-            await context.abort(e.code, e.message)
+        except BaseException:
+            await asyncio.gather(*futures, return_exceptions=True)  # what was submitted still becomes durable
+            raise
         return fpb.StreamFeedbackResponse(
             received=len(statuses),
             accepted=statuses.count(ACCEPTED),
@@ -352,11 +353,8 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
             pending=statuses.count(PENDING),
         )
 
-    async def FeedbackReport(
-        self,
-        request: fpb.FeedbackReportRequest,
-        context: grpc.aio.ServicerContext[fpb.FeedbackReportRequest, fpb.FeedbackReportResponse],
-    ) -> fpb.FeedbackReportResponse:
+    @grpc_errors
+    async def FeedbackReport(self, request: fpb.FeedbackReportRequest, context: Context) -> fpb.FeedbackReportResponse:
         # The report joins the whole log: run it off the event loop.
         return await asyncio.to_thread(self._report, request.model_name, request.max_unknown_ids)
 
