@@ -52,16 +52,17 @@ def build_table(joined: Joined) -> pa.Table:
         "version": [p["version"] for p, _ in rows],
         "predicted_at": [p["ts"] for p, _ in rows],
     }
-    tensor_columns = sorted({k for p, _ in rows for k in p if k.startswith((INPUT_PREFIX, OUTPUT_PREFIX))
-                             and not k.endswith(SHAPE_SUFFIX)})
+    tensor_columns = sorted(
+        {k for p, _ in rows for k in p if k.startswith((INPUT_PREFIX, OUTPUT_PREFIX)) and not k.endswith(SHAPE_SUFFIX)}
+    )
     primary = {name for p, _ in rows if (name := primary_output(p)) is not None}
     primary_name = OUTPUT_PREFIX + primary.pop() if len(primary) == 1 else None
     for name in (n for n in tensor_columns if n.startswith(INPUT_PREFIX)):
-        _expand(columns, name[len(INPUT_PREFIX):], [p.get(name) for p, _ in rows])
+        _expand(columns, name[len(INPUT_PREFIX) :], [p.get(name) for p, _ in rows])
     if primary_name is not None:
         _expand(columns, "prediction", [p.get(primary_name) for p, _ in rows])
     for name in (n for n in tensor_columns if n.startswith(OUTPUT_PREFIX) and n != primary_name):
-        _expand(columns, "output_" + name[len(OUTPUT_PREFIX):], [p.get(name) for p, _ in rows])
+        _expand(columns, "output_" + name[len(OUTPUT_PREFIX) :], [p.get(name) for p, _ in rows])
     columns["truth_label"] = [f["label"] for _, f in rows]
     columns["truth_value"] = [f["value"] for _, f in rows]
     for tensor in sorted({t["name"] for _, f in rows for t in f["tensors"] or ()}):
@@ -73,9 +74,17 @@ def build_table(joined: Joined) -> pa.Table:
 
 
 _UTC_US = pa.timestamp("us", tz="UTC")
-_TYPES = {"prediction_id": pa.string(), "model": pa.string(), "version": pa.string(), "predicted_at": _UTC_US,
-          "truth_label": pa.string(), "truth_value": pa.float64(), "reward": pa.float64(),
-          "feedback_id": pa.string(), "feedback_at": _UTC_US}
+_TYPES = {
+    "prediction_id": pa.string(),
+    "model": pa.string(),
+    "version": pa.string(),
+    "predicted_at": _UTC_US,
+    "truth_label": pa.string(),
+    "truth_value": pa.float64(),
+    "reward": pa.float64(),
+    "feedback_id": pa.string(),
+    "feedback_at": _UTC_US,
+}
 
 
 def _tensor_values(feedback: Row, name: str) -> list[float] | None:
@@ -100,8 +109,7 @@ def _expand(columns: dict[str, list[Any]], name: str, values: list[list[Any] | N
     columns[name] = values
 
 
-def export(log_dir: Path, model: str, out: Path, *, version: str | None = None,
-           since: datetime | None = None) -> int:
+def export(log_dir: Path, model: str, out: Path, *, version: str | None = None, since: datetime | None = None) -> int:
     """Write the labelled rows of `model` to `out` (.parquet or .csv); returns the row count."""
     table = build_table(joined_rows(log_dir, model, version=version, since=since))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +154,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("report", help="counts of the join; feedback whose prediction was never found")
     rep.add_argument("--unknown-after-s", type=float, default=300.0, help="grace period before 'unknown'")
     for p in (exp, rep):
-        p.add_argument("--log-dir", type=Path, default=os.environ.get("ONNXGATE_PREDLOG_DIR"),
-                       help="the prediction log directory (default: $ONNXGATE_PREDLOG_DIR)")
+        p.add_argument(
+            "--log-dir",
+            type=Path,
+            default=os.environ.get("ONNXGATE_PREDLOG_DIR"),
+            help="the prediction log directory (default: $ONNXGATE_PREDLOG_DIR)",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +172,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     view = dedupe_feedback(read_feedback(Path(args.log_dir)))
     j = join(read_predictions(Path(args.log_dir), with_inputs=False), view, unknown_after_s=args.unknown_after_s)
-    print(json.dumps({"predictions": j.predictions, "feedback": view.distinct, "duplicates": view.duplicates,
-                      "joined": len(j.rows), "pending": j.pending, "unknown": j.unknown}, indent=2))
+    print(
+        json.dumps(
+            {
+                "predictions": j.predictions,
+                "feedback": view.distinct,
+                "duplicates": view.duplicates,
+                "joined": len(j.rows),
+                "pending": j.pending,
+                "unknown": j.unknown,
+            },
+            indent=2,
+        )
+    )
     return 0

@@ -18,11 +18,19 @@ from tests.models import write_version
 
 def argmax_model() -> onnx.ModelProto:
     """x FP32 [N, 4] -> label INT64 [N] = argmax(x), scores = x: a classifier with exact answers."""
-    nodes = [helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
-             helper.make_node("Identity", ["x"], ["scores"])]
-    graph = helper.make_graph(nodes, "argmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
-                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4])])
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
+        helper.make_node("Identity", ["x"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "argmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -48,8 +56,9 @@ class Clients:
 
     def infer(self, pid: str, x: np.ndarray, timeout: float = 10) -> pb.ModelInferResponse:
         tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
-        request = pb.ModelInferRequest(model_name="argmax", id=pid, inputs=[tensor],
-                                       raw_input_contents=[x.reshape(1, 4).astype("<f4").tobytes()])
+        request = pb.ModelInferRequest(
+            model_name="argmax", id=pid, inputs=[tensor], raw_input_contents=[x.reshape(1, 4).astype("<f4").tobytes()]
+        )
         return self.infer_stub.ModelInfer(request, timeout=timeout)
 
     def send(self, pid: str, label: str, **kw: object) -> fpb.FeedbackResponse:
@@ -57,7 +66,8 @@ class Clients:
 
     def report(self, max_unknown_ids: int = 100, model: str = "") -> fpb.FeedbackReportResponse:
         return self.feedback.FeedbackReport(
-            fpb.FeedbackReportRequest(model_name=model, max_unknown_ids=max_unknown_ids), timeout=30)
+            fpb.FeedbackReportRequest(model_name=model, max_unknown_ids=max_unknown_ids), timeout=30
+        )
 
     def close(self) -> None:
         self.channel.close()

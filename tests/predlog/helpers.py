@@ -18,11 +18,17 @@ def settings(log_dir: Path, replica: str = "r1", **overrides: object) -> PredLog
     return PredLogSettings(log_dir, replica_id=replica, **base)  # type: ignore[arg-type]
 
 
-def record_iris(log: PredictionLog, pid: str, features: list[float], label: int, version: str = "1",
-                model: str = "iris") -> None:
+def record_iris(
+    log: PredictionLog, pid: str, features: list[float], label: int, version: str = "1", model: str = "iris"
+) -> None:
     x = np.asarray([features], dtype=np.float32)
-    log.record(pid, model, version, {"x": x}, {"label": np.array([label], np.int64),
-                                                "probabilities": np.full((1, 3), 1 / 3, np.float32)})
+    log.record(
+        pid,
+        model,
+        version,
+        {"x": x},
+        {"label": np.array([label], np.int64), "probabilities": np.full((1, 3), 1 / 3, np.float32)},
+    )
 
 
 def rows(directory: Path, kind: str = "predictions") -> int:
