@@ -74,7 +74,9 @@ def _serve(args: dict[str, Any]) -> int:
         from server.example import ensure_example_repository
 
         root = ensure_example_repository(root or DEFAULT_EXAMPLE_DIR)
-        settings = dataclasses.replace(settings, model_repository=root)
+        # the embedded default logs every prediction on local disk, beside the example repository
+        predlog_dir = settings.predlog_dir or root.parent / "predlog"
+        settings = dataclasses.replace(settings, model_repository=root, predlog_dir=predlog_dir)
     assert root is not None
     if not root.is_dir():
         print(f"onnxgate: model repository {root} is not a directory", file=sys.stderr)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -118,12 +117,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             infer = decode_request(request)
             version = self.repository.get(infer.model, infer.version)
             outputs = await version.infer(infer)
-            if self.record is None:
-                return encode_response(infer.model, version.version_str, infer.id, outputs)
-            # feedback is keyed by this id: a request without one gets one, returned in the response
-            request_id = infer.id or uuid.uuid4().hex
-            response = encode_response(infer.model, str(version.version), request_id, outputs)
-            self.record(request_id, infer.model, str(version.version), infer.inputs, outputs)
+            response = encode_response(infer.model, version.version_str, infer.id, outputs)
+            if self.record is not None:
+                # keyed by the request's id (generated when the client sent none): feedback refers to it
+                self.record(infer.id, infer.model, version.version_str, infer.inputs, outputs)
             return response
         finally:
             state.inflight -= 1

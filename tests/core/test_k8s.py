@@ -40,9 +40,12 @@ def test_probes_and_args_match_the_gateway(manifests: list[dict[str, object]]) -
     args = container["args"]
     assert args[0] == "serve"
     flags = {args[i].removeprefix("--").replace("-", "_"): args[i + 1] for i in range(1, len(args), 2)}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", "pod-name-from-the-downward-api") for e in container["env"]}
     settings = load_settings(env=env, flags=flags)  # the manifest's settings are valid ones
     assert settings.host == "0.0.0.0"
+    assert settings.predlog_dir is not None and settings.predlog() is not None
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(settings.predlog_dir) in mounts and "/models" in mounts
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
     assert grpc_port == settings.grpc_port
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
