@@ -15,9 +15,10 @@ Tabular inputs are one FP32 tensor `input` of shape [-1, n_features], or one ten
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -62,6 +63,14 @@ class ConversionError(Exception):
 class MissingDependency(ConversionError):
     def __init__(self, package: str, extra: str) -> None:
         super().__init__(f"converting this model needs the Python package {package!r}: pip install 'onnxgate[{extra}]'")
+
+
+def require(module: str, package: str | None = None, extra: str = "converters") -> Any:
+    """Import an optional dependency where it is needed, or say which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependency(package or module, extra) from error
 
 
 @dataclass(frozen=True)

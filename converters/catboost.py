@@ -22,20 +22,16 @@ from converters.base import (
     Conversion,
     ConversionError,
     ConvertOptions,
-    MissingDependency,
     Rows,
     TensorSpec,
+    require,
 )
 
 _CLASSIFIER_LOSSES = ("Logloss", "CrossEntropy", "MultiClass", "MultiClassOneVsAll")
 
 
 def _catboost() -> Any:
-    try:
-        import catboost
-    except ImportError as error:
-        raise MissingDependency("catboost", "converters") from error
-    return catboost
+    return require("catboost")
 
 
 def load(path: Path) -> Any:

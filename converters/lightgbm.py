@@ -23,6 +23,7 @@ from converters.base import (
     MissingDependency,
     Rows,
     TensorSpec,
+    require,
 )
 
 TARGET_OPSET = 15  # the highest onnxmltools 1.16 writes beside onnx 1.17+
@@ -32,11 +33,7 @@ _REGRESSORS = ("regression", "regression_l1", "huber", "fair", "quantile", "mape
 
 
 def _lightgbm() -> Any:
-    try:
-        import lightgbm
-    except ImportError as error:
-        raise MissingDependency("lightgbm", "converters") from error
-    return lightgbm
+    return require("lightgbm")
 
 
 def load(path: Path) -> Any:

@@ -22,17 +22,13 @@ import numpy as np
 import onnx
 
 from converters import graph, sample
-from converters.base import Conversion, ConversionError, ConvertOptions, MissingDependency, Rows, TensorSpec
+from converters.base import Conversion, ConversionError, ConvertOptions, Rows, TensorSpec, require
 
 OPSET = 17
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError as error:
-        raise MissingDependency("torch", "converters") from error
-    return torch
+    return require("torch")
 
 
 def _from_reference(reference: str) -> Any:

@@ -27,6 +27,7 @@ from converters.base import (
     MissingDependency,
     Rows,
     TensorSpec,
+    require,
 )
 
 # onnxmltools 1.16 maps onnx 1.17+ to opset 15 at most; 15 is what it writes reliably
@@ -47,11 +48,7 @@ _REGRESSORS = (
 
 
 def _xgboost() -> Any:
-    try:
-        import xgboost
-    except ImportError as error:
-        raise MissingDependency("xgboost-cpu", "converters") from error
-    return xgboost
+    return require("xgboost", "xgboost-cpu")
 
 
 def load(path: Path) -> Any:
