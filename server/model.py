@@ -41,7 +41,7 @@ class ModelVersion:
     inline_run_ns: int = 0  # 0: every run on the executor
     stats: VersionStats = field(default_factory=VersionStats)
     batcher: Batcher | None = None
-    # moving estimate of onnxruntime time per batch row; None until measured (warm-up measures it)
+    # moving estimate of onnxruntime CPU time per batch row; None until measured (warm-up measures it)
     ns_per_row: float | None = None
 
     def __post_init__(self) -> None:
@@ -54,10 +54,12 @@ class ModelVersion:
             self.batcher = Batcher(self._run, self.spec.max_batch_size, delay)
 
     def _run_here(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
-        t0 = time.monotonic_ns()
+        # the estimate uses this thread's CPU time, not wall time: a run that waited for the GIL or
+        # the scheduler would otherwise look slow, send later runs to threads, where they wait more
+        c0, t0 = time.thread_time_ns(), time.monotonic_ns()
         outputs = self.runtime.predict(inputs, output_names)
         infer_ns = time.monotonic_ns() - t0
-        per_row = infer_ns / max(rows, 1)
+        per_row = (time.thread_time_ns() - c0) / max(rows, 1)
         self.ns_per_row = per_row if self.ns_per_row is None else 0.9 * self.ns_per_row + 0.1 * per_row
         self.stats.record_execution(rows, 0, infer_ns, 0)
         return outputs, infer_ns
