@@ -32,7 +32,7 @@ def _toolchain_missing() -> str | None:
 def rds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reason = _toolchain_missing()
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"{reason}: the test command installs it (.ci/setup)")
     out = tmp_path_factory.mktemp("rds")
     script = ROOT / "tests" / "converters" / "fixtures" / "make_r.R"
     done = subprocess.run(["Rscript", "--vanilla", str(script), str(out)], capture_output=True, text=True, timeout=300)
