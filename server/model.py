@@ -73,7 +73,8 @@ class ModelVersion:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._run_here, inputs, output_names, rows)
 
-    async def infer(self, request: InferRequest) -> Tensors:
+    async def infer(self, request: InferRequest, decode_ns: int = 0) -> Tensors:
+        """Run one request; `decode_ns` is what decoding it from the wire took (Triton's compute_input)."""
         start = time.monotonic_ns()
         try:
             output_names = self._outputs_of(request)
@@ -93,7 +94,7 @@ class ModelVersion:
         except BaseException:
             self.stats.record_failure(time.monotonic_ns() - start)
             raise
-        self.stats.record_request(rows, time.monotonic_ns() - start, queue_ns, 0, infer_ns, 0)
+        self.stats.record_request(rows, time.monotonic_ns() - start + decode_ns, queue_ns, decode_ns, infer_ns, 0)
         return outputs
 
     def _outputs_of(self, request: InferRequest) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -114,10 +115,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise ResourceExhausted(f"server overloaded: {state.inflight} requests in flight; retry with backoff")
         state.inflight += 1
         try:
+            t0 = time.monotonic_ns()
             infer = decode_request(request)
+            decode_ns = time.monotonic_ns() - t0
             version = self.repository.get(infer.model, infer.version)
-            outputs = await version.infer(infer)
+            outputs = await version.infer(infer, decode_ns)
+            t1 = time.monotonic_ns()
             response = encode_response(infer.model, version.version_str, infer.id, outputs)
+            version.stats.record_output(time.monotonic_ns() - t1)
             if self.record is not None:
                 # keyed by the request's id (generated when the client sent none): feedback refers to it
                 self.record(infer.id, infer.model, version.version_str, infer.inputs, outputs)

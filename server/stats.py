@@ -71,5 +71,10 @@ class VersionStats:
         batch.compute_output.count += 1
         batch.compute_output.ns += output_ns
 
+    def record_output(self, encode_ns: int) -> None:
+        """Encoding the response, timed after record_request counted the request."""
+        self.compute_output.ns += encode_ns
+        self.success.ns += encode_ns
+
     def record_failure(self, total_ns: int) -> None:
         self.fail.add(total_ns)

@@ -69,6 +69,7 @@ def test_statistics_count_requests_rows_and_failures(start_gateway, example_repo
     assert s.inference_count == 6 and 1 <= s.execution_count <= 3
     assert s.inference_stats.success.count == 3 and s.inference_stats.success.ns > 0
     assert s.inference_stats.queue.count == 3 and s.inference_stats.compute_infer.ns > 0
+    assert s.inference_stats.compute_input.ns > 0 and s.inference_stats.compute_output.ns > 0
     assert sum(b.compute_infer.count for b in s.batch_stats) == s.execution_count
     assert s.last_inference > 0
     everything = client.get_inference_statistics().model_stats
