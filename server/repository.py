@@ -19,9 +19,19 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from server.model import ModelVersion
-from server.modelspec import CONFIG_FILE, ConfigError, ModelSpec, build_spec, read_config, version_policy
+from server.modelspec import (
+    CONFIG_FILE,
+    ConfigError,
+    ModelSpec,
+    build_spec,
+    config_from_json,
+    read_config,
+    version_policy,
+)
 from server.pb import model_config_pb2 as mc
 from server.runtime import OnnxModel
 
@@ -121,9 +131,6 @@ class Repository:
 
     def all_served(self) -> list[Served]:
         return [s for s in self._models.values() if s.versions]
-
-    def ready(self) -> bool:
-        return all(s.versions for s in self._models.values())
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         entries = []
@@ -266,8 +273,6 @@ class Repository:
 
     def _write_model_dir(self, name: str, config_json: str | None, files: Mapping[str, bytes]) -> None:
         """Triton's upload: the `config` and `file:<version>/<name>` load parameters become the model dir."""
-        from server.modelspec import config_from_json
-
         staged = self.root / f".upload-{uuid.uuid4().hex}"
         target = self.root / name
         try:
@@ -276,8 +281,6 @@ class Repository:
             else:
                 staged.mkdir(parents=True)
             if config_json is not None:
-                from google.protobuf import text_format
-
                 config = config_from_json(config_json)
                 config.name = name
                 (staged / CONFIG_FILE).write_text(text_format.MessageToString(config))

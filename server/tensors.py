@@ -50,7 +50,6 @@ DATATYPES: dict[str, DataType] = {
         _dt("BYTES", None, "bytes_contents", 13, "string"),
     )
 }
-BY_ONNX = {d.onnx: d for d in DATATYPES.values()}
 BY_CONFIG_ENUM = {d.config_enum: d for d in DATATYPES.values()}
 BY_NUMPY = {d.numpy: d for d in DATATYPES.values() if d.numpy is not None}
 CONTENT_FIELDS = tuple(pb.InferTensorContents.DESCRIPTOR.fields_by_name)
