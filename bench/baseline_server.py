@@ -15,8 +15,8 @@ import sys
 import grpc
 import numpy as np
 
-from server.pb import grpc_service_pb2 as pb
-from server.pb import grpc_service_pb2_grpc as pb_grpc
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 
 
 class DoNothing(pb_grpc.GRPCInferenceServiceServicer):

@@ -35,10 +35,10 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.pb import feedback_pb2 as fpb  # noqa: E402
-from server.pb import feedback_pb2_grpc as fpb_grpc  # noqa: E402
-from server.pb import grpc_service_pb2 as pb  # noqa: E402
-from server.pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from onnxgate.server.pb import feedback_pb2 as fpb  # noqa: E402
+from onnxgate.server.pb import feedback_pb2_grpc as fpb_grpc  # noqa: E402
+from onnxgate.server.pb import grpc_service_pb2 as pb  # noqa: E402
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 
 READY = re.compile(r"serving gRPC on (\S+)")
 
@@ -66,7 +66,7 @@ def serve(
         *pin,
         sys.executable,
         "-m",
-        "server.cli",
+        "onnxgate",
         "serve",
         "--model-repository",
         str(repo),

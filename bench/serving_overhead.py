@@ -81,7 +81,7 @@ def main() -> None:
     try:
         build_repository(tmp / "repo", args.batching)
         gateway, gw_url = start(
-            [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(tmp / "repo"), "--grpc-port", "0",
+            [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(tmp / "repo"), "--grpc-port", "0",
              "--metrics-port", "-1", "--log-level", "warning"],
             r"serving gRPC on (\S+)",
         )  # fmt: skip

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from converters import graph, parity, publish, sample
-from converters.base import Conversion, ConversionError, Converter, ConvertOptions, MissingDependency
+from onnxgate.converters import graph, parity, publish, sample
+from onnxgate.converters.base import Conversion, ConversionError, Converter, ConvertOptions, MissingDependency
 
 __all__ = [
     "ALIASES",
@@ -50,9 +50,9 @@ def _lazy(module: str, *plain_names: str) -> Converter:
 
     def run(source: str, options: ConvertOptions) -> Conversion:
         try:
-            loaded = importlib.import_module(f"converters.{module}")
+            loaded = importlib.import_module(f"onnxgate.converters.{module}")
         except ModuleNotFoundError as error:
-            if error.name == f"converters.{module}":
+            if error.name == f"onnxgate.converters.{module}":
                 raise ConversionError(f"this installation of onnxgate has no {module} converter") from error
             raise MissingDependency(error.name or module, "converters") from error
         if hasattr(loaded, "convert"):

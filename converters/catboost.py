@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converters import graph
-from converters.base import (
+from onnxgate.converters import graph
+from onnxgate.converters.base import (
     LABEL,
     PREDICTION,
     PROBABILITIES,

@@ -1,7 +1,7 @@
 """`onnxgate convert`: one native model file -> one validated, published version.
 
 The gateway's CLI wires its `convert` sub-command to `configure_parser` and `run`; `python -m
-converters.cli` runs the same thing on its own. Exit codes: 0 published, 1 refused by the parity
+onnxgate.converters.cli` runs the same thing on its own. Exit codes: 0 published, 1 refused by the parity
 check (nothing written), 2 cannot convert (unsupported, corrupt, missing dependency).
 """
 
@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import converters
-from converters import parity, sample
+from onnxgate import converters
+from onnxgate.converters import parity, sample
 
 EXIT_PUBLISHED = 0
 EXIT_REFUSED = 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from converters.base import ConversionError, TensorSpec
+from onnxgate.converters.base import ConversionError, TensorSpec
 
 BATCH = "batch"
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converters import graph
-from converters.base import Conversion, ConversionError, ConvertOptions, Rows
+from onnxgate.converters import graph
+from onnxgate.converters.base import Conversion, ConversionError, ConvertOptions, Rows
 
 _LABELLED_OPS = ("TreeEnsembleClassifier", "LinearClassifier", "SVMClassifier", "ZipMap")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from converters import graph
-from converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, Rows, TensorSpec
+from onnxgate.converters import graph
+from onnxgate.converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, Rows, TensorSpec
 
 MAX_EXAMPLES = 5
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from converters.base import (
+from onnxgate.converters.base import (
     LABEL,
     PREDICTION,
     PROBABILITIES,
@@ -35,9 +35,18 @@ from converters.base import (
     Task,
     TensorSpec,
 )
-from converters.pmml_compile import compile_model, model_elements, target_name
-from converters.pmml_model import MODEL_TAGS, Context, DataField, Field, apply_transformations, child, children, local
-from converters.pmml_onnx import GraphBuilder
+from onnxgate.converters.pmml_compile import compile_model, model_elements, target_name
+from onnxgate.converters.pmml_model import (
+    MODEL_TAGS,
+    Context,
+    DataField,
+    Field,
+    apply_transformations,
+    child,
+    children,
+    local,
+)
+from onnxgate.converters.pmml_onnx import GraphBuilder
 
 INPUT = "input"
 _LABEL_OUT, _PROB_OUT, _VALUE_OUT = "onnxgate_label", "onnxgate_probability_", "onnxgate_value"

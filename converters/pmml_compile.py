@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from converters.base import ConversionError
-from converters.pmml_model import (
+from onnxgate.converters.base import ConversionError
+from onnxgate.converters.pmml_model import (
     MODEL_TAGS,
     OTHER_MODEL_TAGS,
     Context,
@@ -27,7 +27,7 @@ from converters.pmml_model import (
     regression_leaf,
     vote,
 )
-from converters.pmml_onnx import GraphBuilder, Tree, scale_tree, tree_features
+from onnxgate.converters.pmml_onnx import GraphBuilder, Tree, scale_tree, tree_features
 
 
 def model_elements(parent: ET.Element) -> list[ET.Element]:

@@ -14,8 +14,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from converters.base import ConversionError
-from converters.pmml_onnx import GraphBuilder, Leaf, Split, Tree, float32_threshold
+from onnxgate.converters.base import ConversionError
+from onnxgate.converters.pmml_onnx import GraphBuilder, Leaf, Split, Tree, float32_threshold
 
 MODEL_TAGS = ("RegressionModel", "TreeModel", "MiningModel")
 OTHER_MODEL_TAGS = (

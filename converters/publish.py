@@ -17,8 +17,8 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, TensorSpec
-from server.pb import model_config_pb2
+from onnxgate.converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, TensorSpec
+from onnxgate.server.pb import model_config_pb2
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"

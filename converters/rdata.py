@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from converters.base import (
+from onnxgate.converters.base import (
     LABEL,
     PREDICTION,
     PROBABILITIES,
@@ -41,7 +41,7 @@ from converters.base import (
     Task,
     TensorSpec,
 )
-from converters.pmml_onnx import GraphBuilder, Leaf, Split, Tree, float32_threshold
+from onnxgate.converters.pmml_onnx import GraphBuilder, Leaf, Split, Tree, float32_threshold
 
 INPUT = "input"
 _SKIPPED_CODES = (250, 252)  # BASENAMESPACE_SXP, UNBOUNDVALUE_SXP: no payload follows them

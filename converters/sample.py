@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converters.base import Conversion, ConversionError, Rows, TensorSpec
+from onnxgate.converters.base import Conversion, ConversionError, Rows, TensorSpec
 
 DEFAULT_ROWS = 256
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from converters import graph
-from converters.base import (
+from onnxgate.converters import graph
+from onnxgate.converters.base import (
     LABEL,
     PREDICTION,
     PROBABILITIES,
@@ -195,11 +195,11 @@ def _delegate(model: Any, options: ConvertOptions) -> Conversion | None:
     """Pickled scikit-learn wrappers of XGBoost and LightGBM convert best as their boosters."""
     module = type(model).__module__
     if module.startswith("xgboost") and hasattr(model, "get_booster"):
-        from converters import xgboost as xgb_converter
+        from onnxgate.converters import xgboost as xgb_converter
 
         return xgb_converter.from_booster(model.get_booster(), options, getattr(model, "classes_", None))
     if module.startswith("lightgbm") and hasattr(model, "booster_"):
-        from converters import lightgbm as lgb_converter
+        from onnxgate.converters import lightgbm as lgb_converter
 
         return lgb_converter.from_booster(model.booster_, options, getattr(model, "classes_", None))
     return None

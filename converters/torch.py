@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from converters import graph, sample
-from converters.base import Conversion, ConversionError, ConvertOptions, Rows, TensorSpec, require
+from onnxgate.converters import graph, sample
+from onnxgate.converters.base import Conversion, ConversionError, ConvertOptions, Rows, TensorSpec, require
 
 OPSET = 17
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from converters import graph
-from converters.base import (
+from onnxgate.converters import graph
+from onnxgate.converters.base import (
     LABEL,
     PREDICTION,
     PROBABILITIES,

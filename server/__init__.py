@@ -1,3 +1,1 @@
-"""onnxgate: a polyglot model-serving gateway speaking the Open Inference Protocol v2 over gRPC."""
-
-__version__ = "0.1.0"
+"""The gateway: gRPC edge -> tensors -> repository -> model (batcher) -> runtime; prediction log and feedback."""

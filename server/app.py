@@ -19,17 +19,17 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
-from server.config import Settings
-from server.feedback import FeedbackServicer, FeedbackStore
-from server.join import Joiner, QualityCollector
-from server.metrics import GatewayCollector, serve_metrics
-from server.pb import feedback_pb2, feedback_pb2_grpc
-from server.pb import grpc_service_pb2 as pb
-from server.pb import grpc_service_pb2_grpc as pb_grpc
-from server.pb.pool import POOL
-from server.predlog import PredictionLog, PredLogCollector
-from server.repository import Repository
-from server.service import InferenceServicer, State
+from onnxgate.server.config import Settings
+from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
+from onnxgate.server.join import Joiner, QualityCollector
+from onnxgate.server.metrics import GatewayCollector, serve_metrics
+from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
+from onnxgate.server.pb.pool import POOL
+from onnxgate.server.predlog import PredictionLog, PredLogCollector
+from onnxgate.server.repository import Repository
+from onnxgate.server.service import InferenceServicer, State
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import GatewayError, Internal
+from onnxgate.server.errors import GatewayError, Internal
 
 Tensors = dict[str, np.ndarray]
 # (inputs, output names, rows) -> (outputs, onnxruntime ns); runs inline or on the executor

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.config import FIELDS, Settings, SettingsError, env_name, load_settings
+from onnxgate.server.config import FIELDS, Settings, SettingsError, env_name, load_settings
 
 log = logging.getLogger("onnxgate")
 
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             serve.add_argument(flag, action="append", help=help_text)
         else:
             serve.add_argument(flag, help=help_text)
-    _add_optional(sub, "convert", "converters.cli", "convert a model to ONNX, check parity, publish a version")
-    _add_optional(sub, "dataset", "server.dataset", "export joined predictions and feedback")
+    _add_optional(sub, "convert", "onnxgate.converters.cli", "convert a model to ONNX, check parity, publish a version")
+    _add_optional(sub, "dataset", "onnxgate.server.dataset", "export joined predictions and feedback")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(vars(args))
@@ -71,7 +71,7 @@ def _serve(args: dict[str, Any]) -> int:
     )
     root = settings.model_repository
     if settings.example:
-        from server.example import ensure_example_repository
+        from onnxgate.server.example import ensure_example_repository
 
         root = ensure_example_repository(root or DEFAULT_EXAMPLE_DIR)
         # the embedded default logs every prediction on local disk, beside the example repository
@@ -85,7 +85,7 @@ def _serve(args: dict[str, Any]) -> int:
 
 
 async def _run(settings: Settings, root: Path) -> int:
-    from server.app import Gateway
+    from onnxgate.server.app import Gateway
 
     gateway = Gateway(settings, root)
     stop = asyncio.Event()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.predlog import PredLogSettings
+    from onnxgate.server.predlog import PredLogSettings
 
 CONTROL_MODES = ("none", "poll", "explicit")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -123,7 +123,7 @@ class Settings:
         """The prediction log's settings; None when it is off."""
         if self.predlog_dir is None:
             return None
-        from server.predlog import predlog_settings
+        from onnxgate.server.predlog import predlog_settings
 
         try:
             return predlog_settings(self)

@@ -28,9 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from server.feedback import read_feedback
-from server.join import Joined, Row, dedupe_feedback, join, primary_output, read_predictions
-from server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
+from onnxgate.server.feedback import read_feedback
+from onnxgate.server.join import Joined, Row, dedupe_feedback, join, primary_output, read_predictions
+from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
 
 
 def joined_rows(log_dir: Path, model: str, *, version: str | None = None, since: datetime | None = None) -> Joined:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from google.protobuf import text_format
 
-from server.pb import model_config_pb2 as mc
+from onnxgate.server.pb import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
 

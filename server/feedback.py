@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from server.errors import InvalidArgument, ResourceExhausted
-from server.pb import feedback_pb2 as fpb
-from server.pb import feedback_pb2_grpc as fpb_grpc
-from server.pb import grpc_service_pb2 as pb
-from server.predlog import PredLogSettings
-from server.segments import SegmentWriter, read_segments
-from server.service import Context, grpc_errors
+from onnxgate.server.errors import InvalidArgument, ResourceExhausted
+from onnxgate.server.pb import feedback_pb2 as fpb
+from onnxgate.server.pb import feedback_pb2_grpc as fpb_grpc
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.predlog import PredLogSettings
+from onnxgate.server.segments import SegmentWriter, read_segments
+from onnxgate.server.service import Context, grpc_errors
 
 log = logging.getLogger(__name__)
 

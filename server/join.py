@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.feedback import read_feedback
-from server.pb import feedback_pb2 as fpb
-from server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
-from server.segments import PARQUET_EXT, read_segment, segment_paths
+from onnxgate.server.feedback import read_feedback
+from onnxgate.server.pb import feedback_pb2 as fpb
+from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
+from onnxgate.server.segments import PARQUET_EXT, read_segment, segment_paths
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from server.batcher import Batcher
-from server.errors import InvalidArgument
-from server.modelspec import ModelSpec, TensorSpec
-from server.runtime import OnnxModel
-from server.stats import VersionStats
-from server.tensors import BY_NUMPY, DATATYPES, InferRequest, classify
+from onnxgate.server.batcher import Batcher
+from onnxgate.server.errors import InvalidArgument
+from onnxgate.server.modelspec import ModelSpec, TensorSpec
+from onnxgate.server.runtime import OnnxModel
+from onnxgate.server.stats import VersionStats
+from onnxgate.server.tensors import BY_NUMPY, DATATYPES, InferRequest, classify
 
 Tensors = dict[str, np.ndarray]
 

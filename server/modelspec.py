@@ -16,9 +16,9 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 
-from server.errors import InvalidArgument
-from server.pb import model_config_pb2 as mc
-from server.tensors import BY_CONFIG_ENUM, DATATYPES
+from onnxgate.server.errors import InvalidArgument
+from onnxgate.server.pb import model_config_pb2 as mc
+from onnxgate.server.tensors import BY_CONFIG_ENUM, DATATYPES
 
 log = logging.getLogger(__name__)
 

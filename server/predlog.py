@@ -37,10 +37,10 @@ import pyarrow as pa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.segments import RecoveryReport, SegmentWriter
+from onnxgate.server.segments import RecoveryReport, SegmentWriter
 
 if TYPE_CHECKING:
-    from server.config import Settings
+    from onnxgate.server.config import Settings
 
 log = logging.getLogger(__name__)
 

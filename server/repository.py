@@ -21,9 +21,9 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from server.model import ModelVersion
-from server.modelspec import (
+from onnxgate.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from onnxgate.server.model import ModelVersion
+from onnxgate.server.modelspec import (
     CONFIG_FILE,
     ConfigError,
     ModelSpec,
@@ -32,8 +32,8 @@ from server.modelspec import (
     read_config,
     version_policy,
 )
-from server.pb import model_config_pb2 as mc
-from server.runtime import OnnxModel
+from onnxgate.server.pb import model_config_pb2 as mc
+from onnxgate.server.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 

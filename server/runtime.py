@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import Internal, InvalidArgument
-from server.modelspec import TensorSpec, onnx_signature
+from onnxgate.server.errors import Internal, InvalidArgument
+from onnxgate.server.modelspec import TensorSpec, onnx_signature
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server import __version__
-from server.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted, Unavailable
-from server.modelspec import PLATFORM
-from server.pb import grpc_service_pb2 as pb
-from server.pb import grpc_service_pb2_grpc as pb_grpc
-from server.predlog import Recorder
-from server.repository import Repository
-from server.stats import Duration, VersionStats
-from server.tensors import decode_request, encode_response
+from onnxgate import __version__
+from onnxgate.server.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from onnxgate.server.modelspec import PLATFORM
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
+from onnxgate.server.predlog import Recorder
+from onnxgate.server.repository import Repository
+from onnxgate.server.stats import Duration, VersionStats
+from onnxgate.server.tensors import decode_request, encode_response
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InvalidArgument
-from server.pb import grpc_service_pb2 as pb
+from onnxgate.server.errors import InvalidArgument
+from onnxgate.server.pb import grpc_service_pb2 as pb
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 import pytest
 
-from server.app import Gateway
-from server.config import load_settings
-from server.example import ensure_example_repository
-from server.pb import grpc_service_pb2_grpc as pb_grpc
+from onnxgate.server.app import Gateway
+from onnxgate.server.config import load_settings
+from onnxgate.server.example import ensure_example_repository
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 
 READY_LINE = re.compile(r"onnxgate: serving gRPC on (\S+) metrics on (\S+)")
 
@@ -123,7 +123,7 @@ def spawn_gateway() -> Iterator[Callable[..., SpawnedGateway]]:
     spawned: list[SpawnedGateway] = []
 
     def spawn(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> SpawnedGateway:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--grpc-port", "0", "--metrics-port", "0", *args]
+        cmd = [sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "0", *args]
         process = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
         )

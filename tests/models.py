@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from server.tensors import DATATYPES
+from onnxgate.server.tensors import DATATYPES
 
 ONNX_TYPES = {
     "BOOL": TensorProto.BOOL,

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 from google.protobuf import text_format
 
-from converters import cli
-from server.pb import model_config_pb2
+from onnxgate.converters import cli
+from onnxgate.server.pb import model_config_pb2
 
 
 def run_cli(source: str | Path, repository: Path, name: str, *extra: str) -> int:

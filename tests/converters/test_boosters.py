@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import xgboost
 
-from converters import ConversionError, convert
+from onnxgate.converters import ConversionError, convert
 from tests.converters.helpers import assert_classifier_matches, check_published, published, run_cli, run_onnx
 
 RNG = np.random.default_rng(11)

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from converters.base import Conversion, ConversionError
-from converters.pmml import convert_pmml
+from onnxgate.converters.base import Conversion, ConversionError
+from onnxgate.converters.pmml import convert_pmml
 from tests.converters.helpers import check_published, published, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.base import ConversionError
-from converters.rdata import convert_rds
+from onnxgate.converters.base import ConversionError
+from onnxgate.converters.rdata import convert_rds
 from tests.converters.helpers import check_published, published, run_cli
 from tests.converters.test_pmml import assert_parity
 

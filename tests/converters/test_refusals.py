@@ -15,9 +15,9 @@ import xgboost
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LinearRegression
 
-import converters
-from converters import ConversionError, MissingDependency, convert, detect_framework, parity
-from converters.base import Conversion, ConvertOptions
+from onnxgate import converters
+from onnxgate.converters import ConversionError, MissingDependency, convert, detect_framework, parity
+from onnxgate.converters.base import Conversion, ConvertOptions
 from tests.converters.helpers import numeric_versions, published, run_cli
 
 RNG = np.random.default_rng(5)
@@ -191,7 +191,7 @@ def test_versions_are_numbered_after_the_highest_and_staging_is_hidden(tmp_path:
 def test_publish_takes_the_next_number_when_one_appears_meanwhile(
     tmp_path: Path, xgb_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from converters import publish
+    from onnxgate.converters import publish
 
     repo = tmp_path / "repo"
     real_next = publish.next_version

@@ -16,7 +16,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from server.pb import model_config_pb2
+from onnxgate.server.pb import model_config_pb2
 from tests.converters.helpers import (
     assert_classifier_matches,
     check_published,

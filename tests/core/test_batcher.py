@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.batcher import Batcher
-from server.errors import Internal
-from server.runtime import OnnxModel
+from onnxgate.server.batcher import Batcher
+from onnxgate.server.errors import Internal
+from onnxgate.server.runtime import OnnxModel
 from tests.models import add_mul, first_row_only, write_version
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from server.config import Settings, SettingsError, load_settings
+from onnxgate.server.config import Settings, SettingsError, load_settings
 from tests.models import matmul_square, write_version
 
 
@@ -72,7 +72,7 @@ def test_no_repository_is_an_error() -> None:
 
 def test_serve_rejects_bad_flag_with_exit_2(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(tmp_path), "--grpc-port", "x"],
+        [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(tmp_path), "--grpc-port", "x"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 2

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2 as pb
 from tests.models import first_row_only, identity, matmul_square, write_version
 
 

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 
-from server.pb import grpc_service_pb2 as pb
-from server.tensors import DATATYPES
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.tensors import DATATYPES
 from tests.models import NUMPY, add_mul, identity, write_version
 
 SERVED_TYPES = [name for name in DATATYPES]

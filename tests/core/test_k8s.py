@@ -33,7 +33,7 @@ def test_strict_schema_validation(manifests: list[dict[str, object]], tmp_path: 
 
 
 def test_probes_and_args_match_the_gateway(manifests: list[dict[str, object]]) -> None:
-    from server.config import load_settings
+    from onnxgate.server.config import load_settings
 
     deployment = next(d for d in manifests if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]

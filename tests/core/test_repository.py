@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2 as pb
 from tests.models import add_mul, identity, write_version
 
 TRITON_CONFIG = """

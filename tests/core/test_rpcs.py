@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2 as pb
 from tests.models import add_mul, identity, write_version
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from server.pb import feedback_pb2 as fpb
-from server.pb import feedback_pb2_grpc as fpb_grpc
-from server.pb import grpc_service_pb2 as pb
-from server.pb import grpc_service_pb2_grpc as pb_grpc
+from onnxgate.server.pb import feedback_pb2 as fpb
+from onnxgate.server.pb import feedback_pb2_grpc as fpb_grpc
+from onnxgate.server.pb import grpc_service_pb2 as pb
+from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from tests.models import write_version
 
 

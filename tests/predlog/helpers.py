@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.predlog import ModelLogPolicy, PredictionLog, PredLogSettings
-from server.segments import read_segments
+from onnxgate.server.predlog import ModelLogPolicy, PredictionLog, PredLogSettings
+from onnxgate.server.segments import read_segments
 
 
 def settings(log_dir: Path, replica: str = "r1", **overrides: object) -> PredLogSettings:

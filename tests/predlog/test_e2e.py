@@ -13,10 +13,10 @@ import grpc
 import pyarrow.parquet as pq
 import pytest
 
-from server.cli import main as cli
-from server.feedback import read_feedback
-from server.join import read_predictions
-from server.pb import feedback_pb2 as fpb
+from onnxgate.server.cli import main as cli
+from onnxgate.server.feedback import read_feedback
+from onnxgate.server.join import read_predictions
+from onnxgate.server.pb import feedback_pb2 as fpb
 from tests.conftest import GatewayHandle, SpawnedGateway
 from tests.predlog.e2e_helpers import Clients, argmax_repository, features, label_of
 from tests.predlog.helpers import wait_for

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.cli import main as cli
-from server.feedback import read_feedback
-from server.pb import feedback_pb2 as fpb
+from onnxgate.server.cli import main as cli
+from onnxgate.server.feedback import read_feedback
+from onnxgate.server.pb import feedback_pb2 as fpb
 from tests.conftest import GatewayHandle
 from tests.predlog.e2e_helpers import Clients, argmax_repository, features
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.dataset import export, parse_since
-from server.errors import InvalidArgument
-from server.feedback import (
+from onnxgate.server.dataset import export, parse_since
+from onnxgate.server.errors import InvalidArgument
+from onnxgate.server.feedback import (
     ACCEPTED,
     DUPLICATE,
     PENDING,
@@ -26,9 +26,9 @@ from server.feedback import (
     read_feedback,
     record_from_proto,
 )
-from server.join import Joiner, QualityCollector
-from server.pb import feedback_pb2 as fpb
-from server.predlog import PredictionLog
+from onnxgate.server.join import Joiner, QualityCollector
+from onnxgate.server.pb import feedback_pb2 as fpb
+from onnxgate.server.predlog import PredictionLog
 from tests.predlog.helpers import record_iris, settings
 
 

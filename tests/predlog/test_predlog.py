@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from server.predlog import PredictionLog, PredLogSettings
-from server.segments import read_segments, read_stream, recover
+from onnxgate.server.predlog import PredictionLog, PredLogSettings
+from onnxgate.server.segments import read_segments, read_stream, recover
 from tests.predlog.helpers import ModelLogPolicy, record_iris, rows, settings, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,7 +180,7 @@ CHILD = """
 import sys, time
 import numpy as np
 from pathlib import Path
-from server.predlog import PredictionLog, PredLogSettings
+from onnxgate.server.predlog import PredictionLog, PredLogSettings
 log = PredictionLog(PredLogSettings(Path(sys.argv[1]), replica_id="crashy", flush_ms=20))
 for i in range(50):
     log.record(f"p{i}", "iris", "1", {"x": np.full((1, 4), i, np.float32)}, {"label": np.array([i % 3])})
@@ -213,7 +213,7 @@ def test_flushed_predictions_survive_kill_9(tmp_path: Path) -> None:
 
 
 def test_uniform_and_mixed_flushes_share_one_schema() -> None:
-    from server.predlog import Prediction, build_batch
+    from onnxgate.server.predlog import Prediction, build_batch
 
     x = np.ones((1, 4), np.float32)
     uniform = [Prediction("a", "m", "1", 0, {"x": x}, {}), Prediction("b", "m", "1", 0, {"x": x}, {})]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.config import SettingsError, load_settings
-from server.predlog import ModelLogPolicy
+from onnxgate.server.config import SettingsError, load_settings
+from onnxgate.server.predlog import ModelLogPolicy
 
 
 def _settings(tmp_path: Path, **flags: object):  # type: ignore[no-untyped-def]
