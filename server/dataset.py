@@ -29,19 +29,28 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from onnxgate.server.feedback import read_feedback
-from onnxgate.server.join import Joined, Row, dedupe_feedback, join, primary_output, read_predictions
+from onnxgate.server.feedback_order import Row
+from onnxgate.server.join import Joined, dedupe_feedback, join, primary_output, read_predictions
 from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
+from onnxgate.server.segments import SkipList
 
 
-def joined_rows(log_dir: Path, model: str, *, version: str | None = None, since: datetime | None = None) -> Joined:
-    predictions = read_predictions(log_dir, [model])
+def joined_rows(
+    log_dir: Path,
+    model: str,
+    *,
+    version: str | None = None,
+    since: datetime | None = None,
+    skipped: SkipList | None = None,
+) -> Joined:
+    predictions = read_predictions(log_dir, [model], skipped=skipped)
     if predictions is not None and version is not None:
         predictions = predictions.filter(pc.equal(predictions["version"], version))
     if predictions is not None and since is not None:
         since_ts = pa.scalar(since, predictions["ts"].type)
         predictions = predictions.filter(pc.greater_equal(predictions["ts"], since_ts))
     # Everything not matched is pending/unknown; the export only uses the matched rows.
-    return join(predictions, dedupe_feedback(read_feedback(log_dir)), unknown_after_s=float("inf"))
+    return join(predictions, dedupe_feedback(read_feedback(log_dir, skipped)), unknown_after_s=float("inf"))
 
 
 def build_table(joined: Joined) -> pa.Table:
@@ -110,8 +119,12 @@ def _expand(columns: dict[str, list[Any]], name: str, values: list[list[Any] | N
 
 
 def export(log_dir: Path, model: str, out: Path, *, version: str | None = None, since: datetime | None = None) -> int:
-    """Write the labelled rows of `model` to `out` (.parquet or .csv); returns the row count."""
-    table = build_table(joined_rows(log_dir, model, version=version, since=since))
+    """Write the labelled rows of `model` to `out` (.parquet or .csv); returns the row count. Unreadable
+    log files are skipped, each named on stderr."""
+    skipped: SkipList = {}
+    table = build_table(joined_rows(log_dir, model, version=version, since=since, skipped=skipped))
+    for path, why in sorted(skipped.items()):
+        print(f"onnxgate dataset: skipped unreadable file {path} ({why})", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         pcsv.write_csv(_csv_safe(table), out)
@@ -170,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
         n = export(Path(args.log_dir), args.model, args.out, version=args.version, since=args.since)
         print(f"wrote {n} rows to {args.out}")
         return 0
-    view = dedupe_feedback(read_feedback(Path(args.log_dir)))
-    j = join(read_predictions(Path(args.log_dir), with_inputs=False), view, unknown_after_s=args.unknown_after_s)
+    skipped: SkipList = {}
+    view = dedupe_feedback(read_feedback(Path(args.log_dir), skipped))
+    predictions = read_predictions(Path(args.log_dir), with_inputs=False, skipped=skipped)
+    j = join(predictions, view, unknown_after_s=args.unknown_after_s)
     print(
         json.dumps(
             {
@@ -181,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
                 "joined": len(j.rows),
                 "pending": j.pending,
                 "unknown": j.unknown,
+                "reused_prediction_ids": j.reused,
+                "unreadable_files": {str(path): why for path, why in sorted(skipped.items())},
             },
             indent=2,
         )

@@ -5,17 +5,18 @@
 
 Concurrent feedback shares one fsync (group commit): the writer takes everything queued, appends it
 as one Arrow batch to `<log_dir>/<replica_id>/feedback-<seq>.arrows`, fsyncs, then resolves every
-future of the group. A feedback already stored (same prediction id and feedback id, in any replica's
-files at start or since) is answered DUPLICATE and not stored again; the join dedupes as well, since
-two replicas can each receive the same message.
+future of the group. Which message is a duplicate and which feedback is a prediction's truth is
+decided by one rule (server/feedback_order.py), here against what this replica stored and what it has
+read of the others (all of it at start, the new rows at every join), and again in the join over all
+replicas' files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
-import json
 import logging
 import math
 import queue
@@ -23,17 +24,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from onnxgate.server.errors import InvalidArgument, ResourceExhausted
+from onnxgate.server.errors import InvalidArgument, ResourceExhausted, Unavailable
+from onnxgate.server.feedback_order import FeedbackIndex, Row, content_hash, order_key
 from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.pb import feedback_pb2_grpc as fpb_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.predlog import PredLogSettings
-from onnxgate.server.segments import SegmentWriter, read_segments
+from onnxgate.server.segments import IOHealth, SegmentWriter, SkipList, read_segments
 from onnxgate.server.service import Context, grpc_errors
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ SCHEMA = pa.schema(
         ("value", pa.float64()),
         ("tensors", pa.list_(TENSOR_TYPE)),
         ("reward", pa.float64()),
+        # added in 0.1: older segments lack them and read as nulls (schema changes are additive)
+        ("sent_at", pa.timestamp("us", tz="UTC")),
+        ("content", pa.string()),
     ]
 )
 
@@ -101,11 +107,9 @@ class FeedbackRecord:
     value: float | None = None
     tensors: tuple[TruthTensor, ...] | None = None
     reward: float | None = None
-    ts_ns: int = 0
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.prediction_id, self.feedback_id)
+    ts_ns: int = 0  # the store's stamp (feedback_order.py), set when it is committed
+    sent_at_ms: int | None = None  # the client's time, when it sent one
+    content: str = ""
 
 
 def make_record(
@@ -118,8 +122,9 @@ def make_record(
     tensors: tuple[TruthTensor, ...] | None = None,
     reward: float | None = None,
     feedback_id: str = "",
+    sent_at_ms: int | None = None,
 ) -> FeedbackRecord:
-    """A validated record; the feedback id defaults to a hash of the content, so a resend dedupes."""
+    """A validated record; without a feedback id the store gives it one when it is stored."""
     if not prediction_id:
         raise InvalidArgument("feedback needs a prediction_id (the id of the ModelInfer request)")
     truths = sum(x is not None for x in (label, value, tensors))
@@ -134,11 +139,14 @@ def make_record(
         raise InvalidArgument("feedback label is empty")
     if tensors is not None and not tensors:
         raise InvalidArgument("feedback tensors are empty")
-    content = json.dumps(
-        [model, version, label, value, tensors and [list(t.__dict__.values()) for t in tensors], reward]
+    if sent_at_ms is not None and sent_at_ms <= 0:
+        raise InvalidArgument(f"feedback sent_at_unix_ms must be a positive Unix time in ms, got {sent_at_ms}")
+    content = content_hash(
+        model, version, label, value, None if tensors is None else [list(t.__dict__.values()) for t in tensors], reward
     )
-    fid = feedback_id or hashlib.sha256(content.encode()).hexdigest()[:32]
-    return FeedbackRecord(prediction_id, fid, model, version, label, value, tensors, reward, time.time_ns())
+    return FeedbackRecord(
+        prediction_id, feedback_id, model, version, label, value, tensors, reward, 0, sent_at_ms, content
+    )
 
 
 def record_from_proto(request: fpb.FeedbackRequest) -> FeedbackRecord:
@@ -155,6 +163,7 @@ def record_from_proto(request: fpb.FeedbackRequest) -> FeedbackRecord:
         tensors=tensors,
         reward=request.reward if request.HasField("reward") else None,
         feedback_id=request.feedback_id,
+        sent_at_ms=request.sent_at_unix_ms or None,
     )
 
 
@@ -192,15 +201,28 @@ def to_batch(records: list[FeedbackRecord], replica: str) -> pa.RecordBatch:
                 [None if r.tensors is None else [t.__dict__ for t in r.tensors] for r in records], pa.list_(TENSOR_TYPE)
             ),
             pa.array([r.reward for r in records], pa.float64()),
+            pa.array(
+                [None if r.sent_at_ms is None else r.sent_at_ms * 1000 for r in records], SCHEMA.field("sent_at").type
+            ),
+            pa.array([r.content for r in records], pa.string()),
         ],
         schema=SCHEMA,
     )
 
 
-def read_feedback(log_dir: Path) -> pa.Table:
-    """Every replica's feedback, duplicates included (the join removes them)."""
-    tables = [t for replica in _replica_dirs(log_dir) for _, t in read_segments(replica, FEEDBACK)]
-    return pa.concat_tables([t.cast(SCHEMA) for t in tables]) if tables else SCHEMA.empty_table()
+def read_feedback(log_dir: Path, skipped: SkipList | None = None) -> pa.Table:
+    """Every replica's feedback, duplicates included (the join removes them); unreadable files are
+    skipped, and listed in `skipped`."""
+    tables = [t for replica in _replica_dirs(log_dir) for _, t in read_segments(replica, FEEDBACK, skipped)]
+    return pa.concat_tables([conform(t) for t in tables]) if tables else SCHEMA.empty_table()
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A feedback table in today's schema: columns older files lack are added as nulls."""
+    for name in SCHEMA.names:
+        if name not in table.column_names:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def _replica_dirs(log_dir: Path) -> list[Path]:
@@ -216,10 +238,15 @@ class FeedbackStore:
     def __init__(self, settings: PredLogSettings, known: Callable[[str], bool] = lambda _id: False) -> None:
         self.settings = settings
         self._known = known
-        existing = read_feedback(settings.log_dir)
-        self._seen: set[tuple[str, str]] = set(
-            zip(existing["prediction_id"].to_pylist(), existing["feedback_id"].to_pylist(), strict=True)
-        )
+        self.skipped: SkipList = {}
+        existing = read_feedback(settings.log_dir, self.skipped).to_pylist()
+        for path, why in self.skipped.items():
+            log.warning("feedback: skipped unreadable log file %s (%s)", path, why)
+        # what every replica stored: answers DUPLICATE; the clock stamps past all of it
+        self._index = FeedbackIndex.of(existing)
+        self._index_lock = threading.Lock()  # the writer thread and observe() (the joiner's thread)
+        self._clock_us = max((int(r["ts"].timestamp() * 1e6) for r in existing), default=0)
+        self.io = IOHealth(FEEDBACK)  # the writer's I/O errors and health (`healthy`)
         self._writer = SegmentWriter(
             settings.replica_dir,
             FEEDBACK,
@@ -228,9 +255,10 @@ class FeedbackStore:
             fsync=settings.fsync,
             retention_s=settings.retention_s,
             retention_bytes=settings.retention_bytes,
+            health=self.io,
         )
         self.recovery = self._writer.recovery
-        self._queue: queue.Queue[tuple[FeedbackRecord, concurrent.futures.Future[int]] | object] = queue.Queue(
+        self._queue: queue.Queue[tuple[FeedbackRecord, Answer] | object] = queue.Queue(
             maxsize=settings.feedback_queue_size
         )
         self.stored = 0
@@ -240,9 +268,9 @@ class FeedbackStore:
         self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, record: FeedbackRecord) -> concurrent.futures.Future[int]:
-        """Queue a record; the future gives its FeedbackStatus once it is durable (or raises)."""
-        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+    def submit(self, record: FeedbackRecord) -> Answer:
+        """Queue a record; the future gives (FeedbackStatus, feedback id) once it is durable (or raises)."""
+        future: Answer = concurrent.futures.Future()
         try:
             self._queue.put_nowait((record, future))
         except queue.Full:
@@ -254,6 +282,17 @@ class FeedbackStore:
             self._queue.put(_STOP, timeout=timeout)
             self._thread.join(timeout)
 
+    @property
+    def healthy(self) -> bool:
+        """The writer thread runs and its last write, roll and retention succeeded (else feedback is
+        likely refused UNAVAILABLE)."""
+        return self.io.healthy and self._thread.is_alive()
+
+    @property
+    def last_error(self) -> str:
+        """The writer's most recent I/O failure ('' when none; kept after it recovered)."""
+        return self.io.last_error
+
     def _run(self) -> None:
         while True:
             try:
@@ -261,7 +300,7 @@ class FeedbackStore:
             except queue.Empty:
                 self._writer.maybe_roll()
                 continue
-            group: list[tuple[FeedbackRecord, concurrent.futures.Future[int]]] = []
+            group: list[tuple[FeedbackRecord, Answer]] = []
             stop = item is _STOP
             while not stop:
                 assert isinstance(item, tuple)
@@ -274,46 +313,114 @@ class FeedbackStore:
                     break
                 stop = item is _STOP
             if group:
-                self._commit(group)
+                try:
+                    self._commit(group)
+                except Exception as error:  # a bug must not stop the writer, nor leave a sender waiting
+                    log.exception("feedback: committing %d records failed", len(group))
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(Unavailable(f"feedback could not be stored ({error}): retry later"))
             if stop:
                 self._writer.close()
                 return
             self._writer.maybe_roll()
 
-    def _commit(self, group: list[tuple[FeedbackRecord, concurrent.futures.Future[int]]]) -> None:
-        statuses: list[int] = []
+    def observe(self, rows: list[Row]) -> None:
+        """Feedback other replicas stored (read by the join): later resends to this replica are
+        DUPLICATE, and this replica's clock stamps past them."""
+        mine = self.settings.replica_id
+        with self._index_lock:
+            for row in sorted((r for r in rows if r["replica"] != mine), key=order_key):
+                self._index.add(row)
+                self._clock_us = max(self._clock_us, _micros(row["ts"]))
+
+    def _commit(self, group: list[tuple[FeedbackRecord, Answer]]) -> None:
+        answers: list[tuple[int, str]] = []
         new: list[FeedbackRecord] = []
-        for record, _ in group:
-            if record.key in self._seen:
-                statuses.append(DUPLICATE)
-                continue
-            self._seen.add(record.key)
-            new.append(record)
-            statuses.append(ACCEPTED if self._known(record.prediction_id) else PENDING)
+        staged: list[Row] = []
+        with self._index_lock:
+            group_index = FeedbackIndex()  # the group's own messages, newer than anything indexed
+            for record, _ in group:
+                repeated = self._duplicate_of(record, group_index)
+                if repeated is not None:
+                    answers.append((DUPLICATE, repeated))
+                    continue
+                self._clock_us = max(time.time_ns() // 1000, self._clock_us + 1)
+                record = dataclasses.replace(
+                    record,
+                    feedback_id=record.feedback_id or _generated_id(self.settings.replica_id, self._clock_us),
+                    ts_ns=self._clock_us * 1000,
+                )
+                row = _index_row(record, self.settings.replica_id)
+                group_index.add(row)
+                staged.append(row)
+                new.append(record)
+                answers.append((ACCEPTED if self._known(record.prediction_id) else PENDING, record.feedback_id))
         started = time.perf_counter()
         try:
             if new:
-                self._writer.append(to_batch(new, self.settings.replica_id))
-                self._writer.sync()
-        except Exception as exc:  # not durable: nothing of the group is acknowledged
+                self._writer.write(to_batch(new, self.settings.replica_id))
+        except Exception as exc:  # not durable: nothing of the group is acknowledged (nor indexed)
             log.exception("feedback: writing %d records failed", len(new))
-            self._seen.difference_update(r.key for r in new)
             for _, future in group:
-                future.set_exception(exc)
+                future.set_exception(
+                    Unavailable(f"feedback could not be stored ({type(exc).__name__}: {exc}): retry later")
+                )
             return
         self.commits += 1
         self.commit_seconds += time.perf_counter() - started
         self.stored += len(new)
         self.duplicates += len(group) - len(new)
-        for (_, future), status in zip(group, statuses, strict=True):
-            future.set_result(status)
+        with self._index_lock:
+            for row in staged:
+                self._index.add(row)
+        for (_, future), answer in zip(group, answers, strict=True):
+            future.set_result(answer)
+
+    def _duplicate_of(self, record: FeedbackRecord, group: FeedbackIndex) -> str | None:
+        pid, fid, content = record.prediction_id, record.feedback_id, record.content
+        repeated = group.duplicate_of(pid, fid, content)
+        if repeated is None and fid and self._index.has_id(pid, fid):
+            repeated = fid
+        if repeated is None and pid not in group.latest:  # else the group holds the current truth
+            repeated = self._index.duplicate_of(pid, "", content)
+        return repeated
+
+
+Answer = concurrent.futures.Future[tuple[int, str]]
+
+
+def _micros(ts: datetime) -> int:
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _generated_id(replica: str, stamp_us: int) -> str:
+    # unique without coordination: a replica's stamps never repeat
+    return hashlib.sha256(f"{replica}/{stamp_us}".encode()).hexdigest()[:32]
+
+
+def _index_row(record: FeedbackRecord, replica: str) -> Row:
+    """What the duplicate check and the order need of a committed record."""
+    sent = None if record.sent_at_ms is None else _EPOCH + timedelta(milliseconds=record.sent_at_ms)
+    return {
+        "prediction_id": record.prediction_id,
+        "feedback_id": record.feedback_id,
+        "content": record.content,
+        "ts": _EPOCH + timedelta(microseconds=record.ts_ns // 1000),
+        "sent_at": sent,
+        "replica": replica,
+    }
 
 
 class FeedbackServicer(fpb_grpc.FeedbackServicer):
     """onnxgate.v1.Feedback on grpc.aio; `report` answers FeedbackReport (the joiner's view).
 
     Errors go through service.grpc_errors like every RPC: InvalidArgument for bad feedback,
-    ResourceExhausted for a full feedback queue, INTERNAL (logged) when the append or fsync failed.
+    ResourceExhausted for a full feedback queue, UNAVAILABLE (logged) when it could not be stored (a
+    full disk, an fsync error): nothing of it is stored, a retry is safe.
     """
 
     def __init__(self, store: FeedbackStore, report: Callable[[str, int], fpb.FeedbackReportResponse]) -> None:
@@ -323,10 +430,10 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
     @grpc_errors
     async def SendFeedback(self, request: fpb.FeedbackRequest, context: Context) -> fpb.FeedbackResponse:
         record = record_from_proto(request)
-        status = await asyncio.wrap_future(self._store.submit(record))
+        status, feedback_id = await asyncio.wrap_future(self._store.submit(record))
         return fpb.FeedbackResponse(
             prediction_id=record.prediction_id,
-            feedback_id=record.feedback_id,
+            feedback_id=feedback_id,
             status=status,  # type: ignore[arg-type]
         )
 
@@ -334,7 +441,7 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
     async def StreamFeedback(
         self, request_iterator: AsyncIterator[fpb.FeedbackRequest], context: Context
     ) -> fpb.StreamFeedbackResponse:
-        futures: list[asyncio.Future[int]] = []
+        futures: list[asyncio.Future[tuple[int, str]]] = []
         try:
             async for request in request_iterator:
                 try:
@@ -342,7 +449,7 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
                 except InvalidArgument as e:
                     raise InvalidArgument(f"message {len(futures)}: {e.message}") from None
                 futures.append(asyncio.wrap_future(self._store.submit(record)))
-            statuses = await asyncio.gather(*futures)
+            statuses = [status for status, _ in await asyncio.gather(*futures)]
         except BaseException:
             await asyncio.gather(*futures, return_exceptions=True)  # what was submitted still becomes durable
             raise

@@ -1,10 +1,13 @@
 """Predictions joined with their feedback: live quality per model and version, labelled rows.
 
 Readers see every replica: they scan `<log_dir>/*/` (see server/predlog.py for the layout). Feedback
-is deduplicated here — the same (prediction id, feedback id) stored by two replicas counts once — and
-the latest feedback of a prediction is its truth. Feedback whose prediction is not in the log is
-*pending* while younger than `unknown_after_s`, then *unknown*: counted and listed, and still joined
-if the prediction turns up later.
+is deduplicated here and the latest feedback of a prediction is its truth, by the rule of
+server/feedback_order.py (clock-proof order, corrections are never duplicates). Feedback whose
+prediction is not in the log is *pending* while younger than `unknown_after_s`, then *unknown*:
+counted and listed, and still joined if the prediction turns up later. A prediction id that several
+logged predictions carry (a client reusing its own ids) is counted as reused; its feedback joins the
+latest of them (by time) that matches the feedback's model and version. A file that cannot be read is
+skipped and reported (`skipped`), never fatal.
 
 Quality, per (model, version), against the model's primary output (the output with the fewest
 elements, e.g. skl2onnx's `label` rather than `probabilities`):
@@ -21,7 +24,6 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,13 +32,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from onnxgate.server.feedback import read_feedback
+from onnxgate.server.feedback_order import FeedbackIndex, Row
 from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
-from onnxgate.server.segments import PARQUET_EXT, read_segment, segment_paths
+from onnxgate.server.segments import PARQUET_EXT, SkipList, read_segment, segment_paths
 
 log = logging.getLogger(__name__)
-
-Row = dict[str, Any]
 
 
 def read_predictions(
@@ -46,17 +47,18 @@ def read_predictions(
     with_inputs: bool = True,
     cache: dict[Path, pa.Table] | None = None,
     on_segment: Callable[[Path, pa.Table], None] | None = None,
+    skipped: SkipList | None = None,
 ) -> pa.Table | None:
     """Every replica's predictions of the given models as one table (columns of all versions, nulls where
     a version lacks one). `cache` keeps immutable Parquet segments between calls (the periodic joiner);
-    `on_segment` sees each segment's table."""
+    `on_segment` sees each segment's table; unreadable files are skipped and listed in `skipped`."""
     tables = []
     live: set[Path] = set()
-    for model_dir in model_dirs(log_dir, models):
-        for path in segment_paths(model_dir, PREDICTIONS):
+    for model_dir in model_dirs(log_dir, models, skipped):
+        for path in segment_paths(model_dir, PREDICTIONS, skipped):
             table = cache.get(path) if cache is not None else None
             if table is None:
-                table = _read(path, with_inputs)
+                table = _read(path, with_inputs, skipped)
                 if table is not None and cache is not None and path.suffix == PARQUET_EXT:
                     cache[path] = table
             live.add(path)
@@ -70,16 +72,20 @@ def read_predictions(
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
-def _read(path: Path, with_inputs: bool) -> pa.Table | None:
+def _read(path: Path, with_inputs: bool, skipped: SkipList | None) -> pa.Table | None:
     if with_inputs:
-        return read_segment(path)
+        return read_segment(path, skipped)
     if path.suffix == PARQUET_EXT:
         try:
             names = pq.read_schema(path).names
             return pq.read_table(path, columns=[n for n in names if not n.startswith(INPUT_PREFIX)])
         except FileNotFoundError:
             return None
-    table = read_segment(path)
+        except (pa.ArrowException, OSError) as error:
+            if skipped is not None:
+                skipped[path] = f"{type(error).__name__}: {error}"
+            return None
+    table = read_segment(path, skipped)
     return None if table is None else table.select([n for n in table.column_names if not n.startswith(INPUT_PREFIX)])
 
 
@@ -90,17 +96,9 @@ class FeedbackView:
     duplicates: int
 
 
-def dedupe_feedback(feedback: pa.Table) -> FeedbackView:
-    rows = sorted(feedback.to_pylist(), key=lambda r: r["ts"])
-    seen: set[tuple[str, str]] = set()
-    latest: dict[str, Row] = {}
-    for row in rows:
-        key = (row["prediction_id"], row["feedback_id"])
-        if key in seen:
-            continue
-        seen.add(key)
-        latest[row["prediction_id"]] = row
-    return FeedbackView(latest, len(seen), len(rows) - len(seen))
+def dedupe_feedback(feedback: pa.Table | list[Row]) -> FeedbackView:
+    index = FeedbackIndex.of(feedback if isinstance(feedback, list) else feedback.to_pylist())
+    return FeedbackView(index.latest, index.distinct, index.duplicates)
 
 
 @dataclass
@@ -110,30 +108,34 @@ class Joined:
     feedback: FeedbackView
     pending: list[str]
     unknown: list[str]
+    reused: int = 0  # prediction ids carried by more than one logged prediction
 
 
 def join(
     predictions: pa.Table | None, view: FeedbackView, *, unknown_after_s: float, now: float | None = None
 ) -> Joined:
-    """Inner join by prediction id (first record of an id wins); unmatched feedback is pending or unknown."""
+    """Inner join by prediction id (of a reused id, the latest matching prediction); unmatched feedback
+    is pending or unknown."""
     now = time.time() if now is None else now
     matched: dict[str, Row] = {}
     n_predictions = 0
+    reused = 0
     if predictions is not None and predictions.num_rows:
-        n_predictions = len(pc.unique(predictions["id"]))
+        counts = pc.value_counts(predictions["id"])
+        n_predictions = len(counts)
+        reused = pc.sum(pc.greater(counts.field("counts"), 1)).as_py() or 0
         if view.latest:
             wanted = pc.is_in(predictions["id"], value_set=pa.array(list(view.latest), pa.string()))
             for row in sorted(predictions.filter(wanted).to_pylist(), key=lambda r: r["ts"]):
-                fb = view.latest[row["id"]]
-                if row["id"] not in matched and _matches(row, fb):
-                    matched[row["id"]] = row
+                if _matches(row, view.latest[row["id"]]):
+                    matched[row["id"]] = row  # later rows of a reused id replace earlier ones
     pending: list[str] = []
     unknown: list[str] = []
     for pid, fb in view.latest.items():
         if pid not in matched:
             (unknown if now - fb["ts"].timestamp() >= unknown_after_s else pending).append(pid)
     rows = [(row, view.latest[pid]) for pid, row in matched.items()]
-    return Joined(rows, n_predictions, view, sorted(pending), sorted(unknown))
+    return Joined(rows, n_predictions, view, sorted(pending), sorted(unknown), reused)
 
 
 def _matches(prediction: Row, feedback: Row) -> bool:
@@ -252,6 +254,9 @@ class Joiner:
         self._cache: dict[Path, pa.Table] = {}
         self._ids: set[str] = set()
         self._id_rows: dict[Path, int] = {}
+        self.skipped: SkipList = {}  # unreadable files met by the latest join
+        # the feedback store's observe(): every join tells it what other replicas stored
+        self.on_feedback: Callable[[list[Row]], None] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.snapshot: Snapshot | None = None
@@ -273,9 +278,17 @@ class Joiner:
     def run_once(self) -> Snapshot:
         with self._lock:
             recent = self._predlog.pop_recent_ids() if self._predlog is not None else set()
-            predictions = read_predictions(self.log_dir, with_inputs=False, cache=self._cache, on_segment=self._add_ids)
-            view = dedupe_feedback(read_feedback(self.log_dir))
-            joined = join(predictions, view, unknown_after_s=self.unknown_after_s)
+            skipped: SkipList = {}
+            predictions = read_predictions(
+                self.log_dir, with_inputs=False, cache=self._cache, on_segment=self._add_ids, skipped=skipped
+            )
+            feedback = read_feedback(self.log_dir, skipped).to_pylist()
+            for path in skipped.keys() - self.skipped.keys():
+                log.warning("prediction log: skipped unreadable file %s (%s)", path, skipped[path])
+            self.skipped = skipped
+            if self.on_feedback is not None:
+                self.on_feedback(feedback)
+            joined = join(predictions, dedupe_feedback(feedback), unknown_after_s=self.unknown_after_s)
             self._ids |= recent
             self.snapshot = Snapshot(joined, quality(joined))
             return self.snapshot
@@ -311,6 +324,8 @@ class Joiner:
             pending=len(mine(j.pending)),
             unknown=len(unknown),
             unknown_ids=unknown[:max_unknown_ids],
+            reused_ids=j.reused,
+            unreadable_segments=len(self.skipped),
         )
 
     def _run(self) -> None:
@@ -354,6 +369,12 @@ class QualityCollector(Collector):
             "onnxgate_feedback_unknown", "Feedback whose prediction id was not found within the grace period"
         )
         duplicates = GaugeMetricFamily("onnxgate_feedback_duplicates", "Duplicate feedback messages in the log")
+        reused = GaugeMetricFamily(
+            "onnxgate_predlog_reused_prediction_ids", "Prediction ids that more than one logged prediction carries"
+        )
+        unreadable = GaugeMetricFamily(
+            "onnxgate_predlog_unreadable_files", "Log files the latest join skipped because they could not be read"
+        )
         if snap is not None:
             for (model, version), q in sorted(snap.quality.items()):
                 for key, fam in families.items():
@@ -363,5 +384,7 @@ class QualityCollector(Collector):
             pending.add_metric([], len(snap.joined.pending))
             unknown.add_metric([], len(snap.joined.unknown))
             duplicates.add_metric([], snap.joined.feedback.duplicates)
+            reused.add_metric([], snap.joined.reused)
+            unreadable.add_metric([], len(self._joiner.skipped))
         yield from families.values()
-        yield from (pending, unknown, duplicates)
+        yield from (pending, unknown, duplicates, reused, unreadable)

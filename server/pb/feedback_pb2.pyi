@@ -38,7 +38,7 @@ class TruthTensors(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TruthTensor, _Mapping]]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
-    __slots__ = ("prediction_id", "model_name", "model_version", "label", "value", "tensors", "reward", "feedback_id")
+    __slots__ = ("prediction_id", "model_name", "model_version", "label", "value", "tensors", "reward", "feedback_id", "sent_at_unix_ms")
     PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class FeedbackRequest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     prediction_id: str
     model_name: str
     model_version: str
@@ -55,7 +56,8 @@ class FeedbackRequest(_message.Message):
     tensors: TruthTensors
     reward: float
     feedback_id: str
-    def __init__(self, prediction_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., label: _Optional[str] = ..., value: _Optional[float] = ..., tensors: _Optional[_Union[TruthTensors, _Mapping]] = ..., reward: _Optional[float] = ..., feedback_id: _Optional[str] = ...) -> None: ...
+    sent_at_unix_ms: int
+    def __init__(self, prediction_id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., label: _Optional[str] = ..., value: _Optional[float] = ..., tensors: _Optional[_Union[TruthTensors, _Mapping]] = ..., reward: _Optional[float] = ..., feedback_id: _Optional[str] = ..., sent_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class FeedbackResponse(_message.Message):
     __slots__ = ("prediction_id", "feedback_id", "status")
@@ -88,17 +90,21 @@ class FeedbackReportRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., max_unknown_ids: _Optional[int] = ...) -> None: ...
 
 class FeedbackReportResponse(_message.Message):
-    __slots__ = ("predictions", "feedback", "joined", "pending", "unknown", "unknown_ids")
+    __slots__ = ("predictions", "feedback", "joined", "pending", "unknown", "unknown_ids", "reused_ids", "unreadable_segments")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNREADABLE_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     predictions: int
     feedback: int
     joined: int
     pending: int
     unknown: int
     unknown_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, predictions: _Optional[int] = ..., feedback: _Optional[int] = ..., joined: _Optional[int] = ..., pending: _Optional[int] = ..., unknown: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    reused_ids: int
+    unreadable_segments: int
+    def __init__(self, predictions: _Optional[int] = ..., feedback: _Optional[int] = ..., joined: _Optional[int] = ..., pending: _Optional[int] = ..., unknown: _Optional[int] = ..., unknown_ids: _Optional[_Iterable[str]] = ..., reused_ids: _Optional[int] = ..., unreadable_segments: _Optional[int] = ...) -> None: ...

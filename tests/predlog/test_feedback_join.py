@@ -34,19 +34,19 @@ from tests.predlog.helpers import record_iris, settings
 
 def test_feedback_is_durable_before_the_future_resolves_and_dedupes(tmp_path: Path) -> None:
     store = FeedbackStore(settings(tmp_path))
-    first = store.submit(make_record("p1", label="1")).result(5)
-    assert first == PENDING  # no prediction p1 anywhere
+    status, first_id = store.submit(make_record("p1", label="1")).result(5)
+    assert status == PENDING and first_id  # no prediction p1 anywhere; the store gave it an id
     [segment] = list((tmp_path / "r1").glob("feedback-*.arrows"))
     assert read_feedback(tmp_path).num_rows == 1 and segment.stat().st_size > 0
-    assert store.submit(make_record("p1", label="1")).result(5) == DUPLICATE
-    assert store.submit(make_record("p1", label="2")).result(5) == PENDING  # a corrected label is new feedback
-    assert store.submit(make_record("p1", label="1", feedback_id="k")).result(5) == PENDING
-    assert store.submit(make_record("p1", label="9", feedback_id="k")).result(5) == DUPLICATE  # same key
+    assert store.submit(make_record("p1", label="1")).result(5) == (DUPLICATE, first_id)  # a resend
+    assert store.submit(make_record("p1", label="2")).result(5)[0] == PENDING  # a corrected label is new feedback
+    assert store.submit(make_record("p1", label="1", feedback_id="k")).result(5)[0] == PENDING
+    assert store.submit(make_record("p1", label="9", feedback_id="k")).result(5)[0] == DUPLICATE  # same key
     store.close()
     assert read_feedback(tmp_path).num_rows == 3
     # a restarted store knows what is stored (in any replica's files)
     again = FeedbackStore(settings(tmp_path, replica="r2"))
-    assert again.submit(make_record("p1", label="1")).result(5) == DUPLICATE
+    assert again.submit(make_record("p1", label="1")).result(5)[0] == DUPLICATE
     again.close()
 
 
@@ -54,7 +54,7 @@ def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
     store = FeedbackStore(settings(tmp_path))
     futures = [store.submit(make_record(f"p{i}", value=float(i))) for i in range(2000)]
     concurrent.futures.wait(futures, 30)
-    assert all(f.result() == PENDING for f in futures)
+    assert all(f.result()[0] == PENDING for f in futures)
     store.close()
     assert store.stored == 2000 and store.commits < 2000 / 4
     assert read_feedback(tmp_path).num_rows == 2000
@@ -67,8 +67,8 @@ def test_status_accepted_when_the_prediction_is_known(tmp_path: Path) -> None:
     store = FeedbackStore(s, known=joiner.known)
     record_iris(log, "p1", [1, 2, 3, 4], 2)
     assert log.flush()
-    assert store.submit(make_record("p1", label="2")).result(5) == ACCEPTED
-    assert store.submit(make_record("p2", label="2")).result(5) == PENDING
+    assert store.submit(make_record("p1", label="2")).result(5)[0] == ACCEPTED
+    assert store.submit(make_record("p2", label="2")).result(5)[0] == PENDING
     store.close()
     log.close()
 
@@ -134,7 +134,7 @@ def _scenario(tmp_path: Path, unknown_after_s: float = 0.0) -> tuple[Joiner, Col
     log1, log2 = PredictionLog(s1), PredictionLog(s2)
     fb1, fb2 = FeedbackStore(s1), FeedbackStore(s2)
     # feedback before its prediction exists (early), on replica 2
-    assert fb2.submit(make_record("p0", label="0")).result(5) == PENDING
+    assert fb2.submit(make_record("p0", label="0")).result(5)[0] == PENDING
     for i in range(8):
         record_iris(log1 if i < 6 else log2, f"p{i}", [i, i + 0.5, 0, 1], i % 3, version="1" if i < 4 else "2")
     log1.flush()
