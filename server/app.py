@@ -8,7 +8,9 @@ await gateway.stop()           # NOT_SERVING, refuse new work, let in-flight req
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -19,7 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
-from onnxgate.server.config import Settings
+from onnxgate.server.config import Settings, env_name
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.metrics import GatewayCollector, serve_metrics
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 FEEDBACK_SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
+
+
+class StartupError(Exception):
+    """The gateway cannot start for a reason its operator can fix; the message names the setting and how."""
 
 
 class Gateway:
@@ -80,7 +86,17 @@ class Gateway:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
+        """Bind both ports, then load; a port that cannot be bound raises StartupError (call stop() then)."""
         s = self.settings
+        # probe before gRPC binds: a failed bind in gRPC's core only logs a native error line and raises a
+        # RuntimeError that does not say why; the probe knows the errno (in use, privileged port, ...)
+        _probe_port("grpc_port", s.host, s.grpc_port)
+        # metrics bind before gRPC so that a taken metrics port fails with nothing started yet
+        if s.metrics_port >= 0:
+            try:
+                self._metrics_server, self.metrics_port = serve_metrics(self.registry, s.host, s.metrics_port)
+            except OSError as e:
+                raise _port_error("metrics_port", s.host, s.metrics_port, e) from None
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -96,19 +112,24 @@ class Gateway:
                 FeedbackServicer(self.feedback, self.joiner.report), self.server
             )
             services.append(FEEDBACK_SERVICE_NAME)
-            self.joiner.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         _add_to_pool(health_pb2)
         _add_to_pool(reflection_pb2)
         reflection.enable_server_reflection(services, self.server, pool=POOL)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:  # taken between the probe and here
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.grpc_port}")
+            raise StartupError(
+                f"grpc_port {s.grpc_port} on {s.host} cannot be bound (GRPC_VERBOSITY=debug says why):"
+                f" {_choose('grpc_port')}"
+            )
         await self.server.start()
-        if s.metrics_port >= 0:
-            self._metrics_server, self.metrics_port = serve_metrics(self.registry, s.host, s.metrics_port)
+        if self.joiner is not None:
+            self.joiner.start()
         # bind first, then load: liveness answers while a large repository loads, readiness waits
         if s.model_control_mode == "explicit":
             await self.repository.load_all(list(s.load_model))
@@ -140,6 +161,43 @@ class Gateway:
     async def wait(self) -> None:
         assert self.server is not None
         await self.server.wait_for_termination()
+
+
+def _choose(setting: str) -> str:
+    flag = "--" + setting.replace("_", "-")
+    off = " (-1 turns metrics off)" if setting == "metrics_port" else ""
+    return f"choose another with {flag} or {env_name(setting)}{off}"
+
+
+def _port_error(setting: str, host: str, port: int, error: OSError) -> StartupError:
+    if error.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"host {host} is not an address of this machine: set --host or ONNXGATE_HOST")
+    if error.errno == errno.EADDRINUSE:
+        reason = "is in use (another server? Triton uses 8001/8002 too)"
+    elif error.errno == errno.EACCES:
+        reason = "needs privileges (ports below 1024)"
+    else:
+        reason = f"cannot be bound ({error.strerror or error})"
+    return StartupError(f"{setting} {port} on {host} {reason}: {_choose(setting)}")
+
+
+def _probe_port(setting: str, host: str, port: int) -> None:
+    """Raise StartupError when `port` on `host` cannot be bound now (port 0, any free port, always can)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise StartupError(f"host {host} cannot be resolved ({e.strerror}): set --host or ONNXGATE_HOST") from None
+    with socket.socket(family, kind, proto) as probe:
+        # as the real server does: a port whose old connections linger in TIME_WAIT is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise _port_error(setting, host, port, e) from None
 
 
 def _add_to_pool(module: object) -> None:

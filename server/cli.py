@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from onnxgate import __version__
 from onnxgate.server.config import FIELDS, Settings, SettingsError, env_name, load_settings
 
 log = logging.getLogger("onnxgate")
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="onnxgate", description="Polyglot model-serving gateway (Open Inference Protocol v2 over gRPC)"
     )
+    parser.add_argument("--version", action="version", version=f"onnxgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model repository over gRPC", argument_default=argparse.SUPPRESS)
     serve.add_argument("--config", type=Path, help="TOML settings file (keys as the flags, with underscores)")
@@ -73,19 +76,40 @@ def _serve(args: dict[str, Any]) -> int:
     if settings.example:
         from onnxgate.server.example import ensure_example_repository
 
-        root = ensure_example_repository(root or DEFAULT_EXAMPLE_DIR)
+        root = root or DEFAULT_EXAMPLE_DIR
+        # checked before building: the build replaces what is at `root` when it is not the example
+        if root.exists() and not root.is_dir():
+            print(f"onnxgate: {_unusable_repository(root)}", file=sys.stderr)
+            return 2
+        root = ensure_example_repository(root)
         # the embedded default logs every prediction on local disk, beside the example repository
         predlog_dir = settings.predlog_dir or root.parent / "predlog"
         settings = dataclasses.replace(settings, model_repository=root, predlog_dir=predlog_dir)
     assert root is not None
-    if not root.is_dir():
-        print(f"onnxgate: model repository {root} is not a directory", file=sys.stderr)
+    problem = _unusable_repository(root)
+    if problem:
+        print(f"onnxgate: {problem}", file=sys.stderr)
         return 2
     return asyncio.run(_run(settings, root))
 
 
+def _unusable_repository(root: Path) -> str | None:
+    """Why `root` cannot serve as the model repository, in one line that says what to change; None if it can."""
+    where = "set --model-repository or ONNXGATE_MODEL_REPOSITORY"
+    if not root.exists():
+        return f"model repository {root} does not exist: {where}"
+    if not root.is_dir():
+        return f"model repository {root} is not a directory: {where} to the directory holding the models"
+    try:
+        with os.scandir(root):
+            pass
+    except OSError as e:
+        return f"model repository {root} cannot be read ({e.strerror}): fix its permissions or {where}"
+    return None
+
+
 async def _run(settings: Settings, root: Path) -> int:
-    from onnxgate.server.app import Gateway
+    from onnxgate.server.app import Gateway, StartupError
 
     gateway = Gateway(settings, root)
     stop = asyncio.Event()
@@ -94,20 +118,40 @@ async def _run(settings: Settings, root: Path) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await gateway.start()
-    except OSError as e:
+    except StartupError as e:
+        await gateway.stop(0)  # whatever started before the failure (a bound port, the log writer)
         print(f"onnxgate: {e}", file=sys.stderr)
-        await gateway.stop(0)
-        return 1
+        return 2
     # one machine-readable line: tests and scripts started with --grpc-port 0 read the port from it
     print(
         f"onnxgate: serving gRPC on {gateway.address} metrics on {gateway.metrics_port or 'off'}",
         file=sys.stderr,
         flush=True,
     )
+    if settings.example:
+        print(how_to_call(settings.host, gateway.port), file=sys.stderr, flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace_s)
     await gateway.stop()
     return 0
+
+
+def how_to_call(host: str, port: int) -> str:
+    """What a person who just started the example server types next."""
+    # a server on every interface is called on this machine's loopback name
+    address = f"{'localhost' if host in ('0.0.0.0', '::', '[::]', '') else host}:{port}"
+    return f"""onnxgate: the example is ready; call it from Python:
+
+    import numpy as np
+    from onnxgate.client import Client
+
+    with Client("{address}") as client:
+        result = client.infer("iris", {{"input": np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)}})
+        print(result["label"], result["probabilities"])
+        client.send_feedback(result.id, label="0")  # the true class, for the quality metrics
+
+  or with tritonclient[grpc] (tritonclient.grpc.InferenceServerClient("{address}")), or grpcurl -plaintext {address} list
+"""
 
 
 if __name__ == "__main__":

@@ -153,11 +153,7 @@ def load_settings(
     env = os.environ if env is None else env
     config_file = config_file or (Path(env["ONNXGATE_CONFIG"]) if env.get("ONNXGATE_CONFIG") else None)
     if config_file is not None:
-        try:
-            raw = tomllib.loads(config_file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise SettingsError(f"config file {config_file}: {e}") from e
-        for key, value in raw.items():
+        for key, value in _read_config(config_file).items():
             name = key.replace("-", "_")
             values[name] = _convert(name, value, f"config file {config_file}")
     for name in FIELDS:
@@ -169,6 +165,20 @@ def load_settings(
         return Settings(**values)
     except TypeError as e:
         raise SettingsError(str(e)) from e
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    where = "fix it, or point --config (ONNXGATE_CONFIG) elsewhere"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SettingsError(f"config file {path} cannot be read ({e.strerror or e}): {where}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path} is not UTF-8 text (TOML expected): {where}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"config file {path} is not valid TOML ({e}): {where}") from None
 
 
 def _convert(name: str, value: Any, source: str) -> Any:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from onnxgate.server.cli import how_to_call
 from onnxgate.server.config import Settings, SettingsError, load_settings
 from tests.models import matmul_square, write_version
 
@@ -112,6 +115,14 @@ def test_serve_example_builds_and_serves(spawn_gateway, tmp_path: Path) -> None:
     gw = spawn_gateway("--example", "--model-repository", str(tmp_path / "example"))
     client = tc.InferenceServerClient(gw.address)
     assert {m.name for m in client.get_model_repository_index().models} == {"iris", "diabetes", "petal_width"}
+    # the Python lines the example prints when ready work as printed
+    host, port = gw.address.rsplit(":", 1)
+    snippet = textwrap.dedent(
+        "\n".join(line for line in how_to_call(host, int(port)).splitlines() if line[:4] == "    ")
+    )
+    run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("[0]"), run.stdout  # the label of the first iris flower: setosa
     gw.terminate()
 
 
@@ -125,3 +136,66 @@ def test_generated_protocol_code_is_up_to_date(tmp_path: Path) -> None:
     current = {p.name: p.read_text() for p in committed.iterdir() if p.is_file()}
     stale = sorted(name for name in fresh.keys() | current.keys() if fresh.get(name) != current.get(name))
     assert not stale, f"server/pb is stale for {stale}: run `python proto/generate.py`"
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m onnxgate serve ARGS` to its end; start-up failures must end it promptly."""
+    return subprocess.run(
+        [sys.executable, "-m", "onnxgate", "serve", "--log-level", "warning", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("taken", ["grpc_port", "metrics_port"])
+def test_taken_port_stops_serve_with_one_line(example_copy: Path, taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        ports = {"grpc_port": 0, "metrics_port": 0, taken: port}
+        # the example brings the prediction log's writer threads: they must not keep the process alive
+        run = _serve(
+            "--example", "--model-repository", str(example_copy),
+            "--grpc-port", str(ports["grpc_port"]), "--metrics-port", str(ports["metrics_port"]),
+        )  # fmt: skip
+    flag = "--" + taken.replace("_", "-")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        f"onnxgate: {taken} {port} on 127.0.0.1 is in use (another server? Triton uses 8001/8002 too):"
+        f" choose another with {flag} or ONNXGATE_{taken.upper()}"
+        + (" (-1 turns metrics off)" if taken == "metrics_port" else "")
+    ]
+
+
+def test_repository_that_is_a_file_or_missing(tmp_path: Path) -> None:
+    file = tmp_path / "models.txt"
+    file.write_text("not a directory\n")
+    where = "set --model-repository or ONNXGATE_MODEL_REPOSITORY"
+    for args, line in [
+        (["--model-repository", str(file)], f"model repository {file} is not a directory: {where}"),
+        # --example builds into the path it is given: a file there is refused, not replaced
+        (["--example", "--model-repository", str(file)], f"model repository {file} is not a directory: {where}"),
+        (["--model-repository", str(tmp_path / "absent")], f"model repository {tmp_path / 'absent'} does not exist"),
+    ]:
+        run = _serve(*args)
+        assert run.returncode == 2, run.stderr
+        assert len(run.stderr.splitlines()) == 1 and run.stderr.startswith(f"onnxgate: {line}"), run.stderr
+    assert file.read_text() == "not a directory\n"
+
+
+def test_unreadable_or_malformed_config_file(tmp_path: Path) -> None:
+    malformed = tmp_path / "bad.toml"
+    malformed.write_text("grpc_port = \n")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\x80\x81\xfe\xff grpc_port = 1\n")
+    where = "fix it, or point --config (ONNXGATE_CONFIG) elsewhere"
+    cases = [
+        ([f"--config={tmp_path}"], f"config file {tmp_path} cannot be read (Is a directory): {where}"),
+        ([f"--config={tmp_path / 'absent.toml'}"], "cannot be read (No such file or directory)"),
+        ([f"--config={malformed}"], f"config file {malformed} is not valid TOML (Invalid value (at line 1"),
+        ([f"--config={binary}"], f"config file {binary} is not UTF-8 text (TOML expected): {where}"),
+    ]
+    for args, message in cases:
+        run = _serve("--example", *args)
+        assert run.returncode == 2, run.stderr
+        assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
