@@ -248,7 +248,7 @@ def convert_to_repository(
     conversion = convert(source, framework, options)
     say("parity: running the original model and onnxruntime on sample rows")
     if sample_path:
-        sample_rows = sample.read_file(sample_path, conversion.inputs)
+        sample_rows = sample.read_file(sample_path, conversion.inputs, conversion.input_columns)
         origin = f"user file {Path(sample_path).name}"
     else:
         sample_rows = sample.from_signature(conversion, rows, np.random.default_rng(seed))

@@ -54,6 +54,9 @@ class Conversion:
     make_sample: Callable[[int, np.random.Generator], Rows] | None = None
     library_versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # the names of the columns of a single matrix input, in order, when the source knows them: a sample
+    # file's header is matched against them (by name, ignoring columns the model does not read)
+    input_columns: list[str] | None = None
 
 
 class ConversionError(Exception):

@@ -104,6 +104,7 @@ def convert_pmml(path: Path) -> Conversion:
         make_sample=_sampler(fields, tabular, ctx.thresholds),
         library_versions=_versions(root),
         notes=[f"PMML {root.get('version', '?')} {local(model.tag)} ({function}); reference scorer: pypmml"],
+        input_columns=[f.name for f in fields] if tabular else None,
     )
 
 

@@ -428,6 +428,7 @@ def _conversion(
         make_sample=_sampler(variables, tabular),
         library_versions={"onnx": onnx.__version__, **_rdata_version()},
         notes=[f"R {label}; reference: R's predict() through Rscript"],
+        input_columns=[v.name for v in variables] if tabular else None,
     )
 
 

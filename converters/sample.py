@@ -7,6 +7,7 @@ threshold, where float32 and float64 comparisons may legitimately disagree.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,12 @@ def from_signature(conversion: Conversion, n: int, rng: np.random.Generator) -> 
     return rows
 
 
-def read_file(path: str | Path, inputs: list[TensorSpec]) -> Rows:
-    """The user's sample rows: CSV or Parquet (columns), .npy (one array), .npz (one array per input)."""
+def read_file(path: str | Path, inputs: list[TensorSpec], input_columns: list[str] | None = None) -> Rows:
+    """The user's sample rows: CSV or Parquet (columns), .npy (one array), .npz (one array per input).
+
+    `input_columns` names the columns of a single matrix input, in order, when the model knows them
+    (Conversion.input_columns); a table's columns are then picked from the file by those names.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"sample file {str(path)!r} does not exist")
@@ -131,37 +136,111 @@ def read_file(path: str | Path, inputs: list[TensorSpec]) -> Rows:
         with np.load(path, allow_pickle=False) as archive:
             return _from_arrays({k: archive[k] for k in archive.files}, inputs, path)
     if suffix in (".csv", ".parquet", ".pq"):
-        return _from_columns(_read_table(path), inputs, path)
+        return _from_table(_read_table(path), inputs, input_columns, path)
     raise ConversionError(f"sample file {path.name!r}: expected .csv, .parquet, .npy or .npz")
 
 
-def _read_table(path: Path) -> dict[str, np.ndarray]:
+# A table's column names (None: the file has none, or only generic ones) and its columns in file order.
+Table = tuple[list[str] | None, list[np.ndarray]]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _generic(names: list[str]) -> bool:
+    # "0", "1", ...: what pandas writes for a DataFrame made from an array; they name no feature
+    return names == [str(i) for i in range(len(names))]
+
+
+def _csv_header(path: Path) -> str:
+    """'names', 'generic' (a header of column numbers) or 'none' (the first line is already data)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        first = next(csv.reader(handle), [])
+    if not first or not all(_is_number(cell) for cell in first):
+        return "names"
+    return "generic" if _generic(first) else "none"
+
+
+def _read_table(path: Path) -> Table:
+    """Columns of a CSV or Parquet file. A CSV whose first line is all numbers has no header (that line
+    is the first row), except "0,1,...,n-1", which is a header of column numbers; either way the
+    columns have no names and are matched to the model's inputs by position."""
     import pyarrow.csv
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path) if path.suffix.lower() != ".csv" else pyarrow.csv.read_csv(path)
+        if path.suffix.lower() == ".csv":
+            header = _csv_header(path)
+            options = pyarrow.csv.ReadOptions(autogenerate_column_names=header == "none")
+            table = pyarrow.csv.read_csv(path, read_options=options)
+        else:
+            table = pyarrow.parquet.read_table(path)
+            header = "generic" if _generic(table.column_names) else "names"
     except Exception as error:  # pyarrow raises several unrelated types for unreadable files
         raise ConversionError(f"sample file {path.name!r} cannot be read: {error}") from error
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    columns = [column.to_numpy(zero_copy_only=False) for column in table.columns]
+    return (list(table.column_names) if header == "names" else None), columns
 
 
-def _from_columns(columns: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path) -> Rows:
-    if len(inputs) == 1 and inputs[0].name not in columns:
-        # one tensor input: every column is one feature, in file order
+def _width(spec: TensorSpec) -> int:
+    """Columns one row of `spec` takes; -1 when its width is free."""
+    return int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
+
+
+def _shaped(columns: list[np.ndarray], spec: TensorSpec) -> np.ndarray:
+    matrix = np.stack([np.asarray(c) for c in columns], axis=1)
+    return as_datatype(matrix.reshape((-1, *spec.shape[1:])), spec)
+
+
+def _from_table(table: Table, inputs: list[TensorSpec], input_columns: list[str] | None, path: Path) -> Rows:
+    names, columns = table
+    if names is None:
+        return _by_position(columns, inputs, path, "the file names no columns")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConversionError(f"sample file {path.name!r} repeats the column names {repeated}")
+    by_name = dict(zip(names, columns, strict=True))
+    if len(inputs) == 1 and inputs[0].name not in by_name:
         spec = inputs[0]
-        width = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
-        if width >= 0 and len(columns) != width:  # a free width (-1) takes every column
-            raise ConversionError(
-                f"sample file {path.name!r} has {len(columns)} columns; input {spec.name!r} has shape"
-                f" {list(spec.shape)}, so {width} columns are expected"
-            )
-        matrix = np.stack([np.asarray(c) for c in columns.values()], axis=1)
-        return {spec.name: as_datatype(matrix.reshape((-1, *spec.shape[1:])), spec)}
-    missing = [s.name for s in inputs if s.name not in columns]
+        if not input_columns:  # the model does not know its columns' names: the file's columns, in order
+            return _by_position(columns, inputs, path, "the model does not name its columns")
+        return {spec.name: _shaped(_pick(by_name, input_columns, path), spec)}
+    return {s.name: _shaped(_pick(by_name, [s.name], path), s) for s in inputs}
+
+
+def _pick(by_name: dict[str, np.ndarray], wanted: list[str], path: Path) -> list[np.ndarray]:
+    """The columns named `wanted`; columns the model does not read are left out (e.g. the target)."""
+    missing = [name for name in wanted if name not in by_name]
     if missing:
-        raise ConversionError(f"sample file {path.name!r} lacks columns for inputs {missing}")
-    return {s.name: as_datatype(np.asarray(columns[s.name]).reshape((-1, *s.shape[1:])), s) for s in inputs}
+        raise ConversionError(
+            f"sample file {path.name!r} lacks columns the model reads: {missing} (the file has {list(by_name)});"
+            " name them as the model does, or give a file without a header to match columns by position"
+        )
+    return [by_name[name] for name in wanted]
+
+
+def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path, why: str) -> Rows:
+    """Columns not matched by name: the inputs take them in file order, each as many as its row width."""
+    widths = [_width(s) for s in inputs]
+    if len(inputs) == 1 and widths[0] < 0:  # a free width takes every column
+        widths = [len(columns)]
+    if any(w < 0 for w in widths) or sum(widths) != len(columns):
+        expected = ", ".join(f"{s.name!r} {list(s.shape)}" for s in inputs)
+        raise ConversionError(
+            f"sample file {path.name!r} has {len(columns)} columns, matched by position ({why});"
+            f" the model's inputs ({expected}) take {sum(widths)}: give exactly those columns, or name them"
+        )
+    rows: Rows = {}
+    start = 0
+    for spec, width in zip(inputs, widths, strict=True):
+        rows[spec.name] = _shaped(columns[start : start + width], spec)
+        start += width
+    return rows
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path) -> Rows:

@@ -273,4 +273,6 @@ def convert(source: str, options: ConvertOptions) -> Conversion:
             "scikit-learn": sklearn.__version__,
             "skl2onnx": metadata.version("skl2onnx"),
         },
+        # fitted on a DataFrame of numbers: one matrix input, whose columns the estimator still names
+        input_columns=None if per_column else [str(n) for n in getattr(model, "feature_names_in_", [])] or None,
     )

@@ -117,6 +117,7 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
     classifier = objective in _CLASSIFIERS
     n_classes = max(n_classes, 2) if classifier else 0
     notes = []
+    columns = list(booster.feature_names or []) or None
     if booster.feature_names:
         notes.append(f"feature names dropped for ONNX, the input columns are in this order: {booster.feature_names}")
         booster = booster.copy()
@@ -161,6 +162,7 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
         labels=[str(v) for v in label_values] if classifier else None,
         library_versions={"xgboost": xgboost.__version__, "onnxmltools": metadata.version("onnxmltools")},
         notes=[f"objective {objective}", *notes],
+        input_columns=columns,
     )
 
 
