@@ -74,6 +74,13 @@ class Settings:
     predlog_flush_records: int = field(default=1_000, metadata={"help": "write the log every N predictions"})
     predlog_flush_ms: float = field(default=200.0, metadata={"help": "... or T ms after the first unwritten one"})
     predlog_retention_s: float = field(default=7 * 24 * 3600.0, metadata={"help": "delete log segments older than"})
+    predlog_retention_bytes: int = field(
+        default=0, metadata={"help": "... and the oldest while a directory's segments exceed this (0: no limit)"}
+    )
+    predlog_segment_max_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "roll the open log segment to Parquet at this size"}
+    )
+    predlog_segment_max_age_s: float = field(default=300.0, metadata={"help": "... or this long after it opened"})
     predlog_sample_rate: tuple[str, ...] = field(
         default=(), metadata={"help": "MODEL=RATE (0-1) fractions of predictions logged; '*' for the default"}
     )

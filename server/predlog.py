@@ -30,14 +30,14 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from onnxgate.server.segments import RecoveryReport, SegmentWriter
+from onnxgate.server.segments import IO_OPS, IOHealth, RecoveryReport, SegmentWriter, SkipList
 
 if TYPE_CHECKING:
     from onnxgate.server.config import Settings
@@ -94,6 +94,10 @@ class PredLogSettings:
     def __post_init__(self) -> None:
         if self.queue_size < 1 or self.flush_records < 1 or self.flush_ms <= 0:
             raise ValueError("queue_size and flush_records must be >= 1 and flush_ms > 0")
+        if self.segment_max_bytes < 1 or self.segment_max_age_s <= 0:
+            raise ValueError("segment_max_bytes must be >= 1 and segment_max_age_s > 0")
+        if self.retention_bytes is not None and self.retention_bytes < 0:
+            raise ValueError(f"retention_bytes must be >= 0, got {self.retention_bytes}")
         if not self.replica_id or "/" in self.replica_id:
             raise ValueError(f"replica_id must be a non-empty name without '/', got {self.replica_id!r}")
 
@@ -139,6 +143,9 @@ def predlog_settings(s: Settings) -> PredLogSettings:
         flush_records=s.predlog_flush_records,
         flush_ms=s.predlog_flush_ms,
         retention_s=s.predlog_retention_s,
+        retention_bytes=s.predlog_retention_bytes or None,
+        segment_max_bytes=s.predlog_segment_max_bytes,
+        segment_max_age_s=s.predlog_segment_max_age_s,
         default_policy=policy("*"),
         models=models,
         join_interval_s=s.predlog_join_interval_s,
@@ -187,6 +194,7 @@ class PredictionLog:
         self.written = 0
         self.write_errors = 0
         self.flushes = 0
+        self.io = IOHealth(PREDICTIONS)  # the writer's I/O errors and health, shared by its segment writers
         self._segments: dict[str, SegmentWriter] = {}
         self.recovery: dict[str, RecoveryReport] = {}
         self._recover_existing()
@@ -238,6 +246,16 @@ class PredictionLog:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def healthy(self) -> bool:
+        """The writer thread runs and its last write, roll and retention (per model) succeeded."""
+        return self.io.healthy and self._thread.is_alive()
+
+    @property
+    def last_error(self) -> str:
+        """The writer's most recent I/O failure ('' when none; kept after it recovered)."""
+        return self.io.last_error
+
     def seen(self, prediction_id: str) -> bool:
         """Whether this process has written the prediction (feedback answers 'accepted' vs 'pending')."""
         with self._recent_lock:
@@ -272,6 +290,7 @@ class PredictionLog:
                 fsync=s.fsync,
                 retention_s=s.retention_s,
                 retention_bytes=s.retention_bytes,
+                health=self.io,
             )
             self._segments[model] = writer
         return writer
@@ -313,7 +332,10 @@ class PredictionLog:
 
     def _roll_idle(self) -> None:
         for writer in self._segments.values():
-            writer.maybe_roll()
+            try:
+                writer.maybe_roll()  # never raises an I/O error; anything else must not stop the writer either
+            except Exception as error:
+                self.io.failed("roll", writer.directory, error)
 
     def _drain_into(self, pending: list[Prediction]) -> object | None:
         """Take what is already queued, up to a full flush; returns a control item met on the way."""
@@ -334,8 +356,12 @@ class PredictionLog:
         for model, group in by_model.items():
             try:
                 writer = self._segment(model)
-                writer.append(build_batch(group, self.settings.policy(model), self.settings.replica_id))
-                writer.sync()
+            except Exception as error:  # e.g. its directory cannot be made: counted, tried again next flush
+                self.io.failed("write", self.settings.replica_dir / model, error)
+                self.write_errors += len(group)
+                continue
+            try:
+                writer.write(build_batch(group, self.settings.policy(model), self.settings.replica_id))
             except Exception:  # a full disk must not kill the writer: count what was lost, keep going
                 log.exception("prediction log: writing %d records of model %s failed", len(group), model)
                 self.write_errors += len(group)
@@ -407,13 +433,38 @@ def _values(flat: np.ndarray) -> pa.Array:
 
 
 # -- metrics -------------------------------------------------------------------------------------------
-class PredLogCollector(Collector):
-    """The log's counters, read at scrape time (registered on the server's own registry)."""
+class Writer(Protocol):
+    """A writer thread with a health state: PredictionLog, FeedbackStore."""
 
-    def __init__(self, log_: PredictionLog) -> None:
+    io: IOHealth
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+class PredLogCollector(Collector):
+    """The log's counters, and the health of its writer threads (predictions, and feedback when given),
+    read at scrape time (registered on the server's own registry)."""
+
+    def __init__(self, log_: PredictionLog, feedback: Writer | None = None) -> None:
         self._log = log_
+        self._writers: list[Writer] = [log_] if feedback is None else [log_, feedback]
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "onnxgate_predlog_writer_up",
+            "1 while the writer thread runs and its last write, roll and retention succeeded",
+            labels=["writer"],
+        )
+        errors = CounterMetricFamily(
+            "onnxgate_predlog_io_errors", "I/O errors of a writer thread, by operation", labels=["writer", "op"]
+        )
+        for w in self._writers:
+            up.add_metric([w.io.writer], 1.0 if w.healthy else 0.0)
+            for op in IO_OPS:
+                errors.add_metric([w.io.writer, op], w.io.errors[op])
+        yield up
+        yield errors
         p = self._log
         for name, doc, value in (
             ("onnxgate_predlog_records_written", "Predictions written to the log", p.written),
@@ -427,12 +478,19 @@ class PredLogCollector(Collector):
         )
 
 
-def model_dirs(log_dir: Path, models: Collection[str] | None = None) -> Iterator[Path]:
-    """Every replica's directory of every (or the named) model, for readers."""
+def model_dirs(log_dir: Path, models: Collection[str] | None = None, skipped: SkipList | None = None) -> Iterator[Path]:
+    """Every replica's directory of every (or the named) model, for readers; a replica directory that
+    cannot be listed is skipped (and added to `skipped`)."""
     if not log_dir.is_dir():
         return
     for replica in sorted(p for p in log_dir.iterdir() if p.is_dir()):
-        for model_dir in sorted(p for p in replica.iterdir() if p.is_dir()):
+        try:
+            entries = sorted(p for p in replica.iterdir() if p.is_dir())
+        except OSError as error:
+            if skipped is not None:
+                skipped[replica] = f"{type(error).__name__}: {error}"
+            continue
+        for model_dir in entries:
             if models is None or model_dir.name in models:
                 yield model_dir
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +122,11 @@ class SpawnedGateway:
 def spawn_gateway() -> Iterator[Callable[..., SpawnedGateway]]:
     spawned: list[SpawnedGateway] = []
 
-    def spawn(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> SpawnedGateway:
-        cmd = [sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "0", *args]
+    def spawn(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 120, prefix: Sequence[str] = ()
+    ) -> SpawnedGateway:
+        # prefix: a command that runs the gateway by exec'ing it (prlimit, faketime): the pid stays the gateway's
+        cmd = [*prefix, sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "0", *args]
         process = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
         )
