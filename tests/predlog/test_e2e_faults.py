@@ -72,9 +72,12 @@ def _set_fsize(gw: SpawnedGateway, soft: str) -> None:
 
 def _send(c: Clients, pid: str, label: str) -> fpb.FeedbackResponse | grpc.RpcError:
     try:
-        return c.feedback.SendFeedback(fpb.FeedbackRequest(prediction_id=pid, label=label), timeout=5)
+        response: fpb.FeedbackResponse = c.feedback.SendFeedback(
+            fpb.FeedbackRequest(prediction_id=pid, label=label), timeout=5
+        )
     except grpc.RpcError as error:
         return error
+    return response
 
 
 def _assert_unavailable(answer: fpb.FeedbackResponse | grpc.RpcError) -> None:
@@ -156,26 +159,20 @@ def test_writers_survive_failed_rolls_and_report_health(
     c.send("p0", "0")
     assert wait_for(lambda: _metric(gw, "onnxgate_predlog_records_written_total") == 1, 5)
     _set_fsize(gw, "300")  # the open segments' rolls (1.5 s after they opened) cannot write their Parquet
-    for writer in ("feedback", "predictions"):
-        assert wait_for(
-            lambda w=writer: (
-                _metric(gw, "onnxgate_predlog_io_errors_total", writer=w, op="roll") >= 1  # type: ignore[misc]
-                and _metric(gw, "onnxgate_predlog_writer_up", writer=w) == 0
-            ),  # type: ignore[misc]
-            10,
-        ), _metrics(gw)
+
+    def down(writer: str) -> bool:
+        failed = _metric(gw, "onnxgate_predlog_io_errors_total", writer=writer, op="roll") >= 1
+        return failed and _metric(gw, "onnxgate_predlog_writer_up", writer=writer) == 0
+
+    assert wait_for(lambda: down("feedback") and down("predictions"), 10), _metrics(gw)
     # the writer answers (no hang until the deadline): UNAVAILABLE; serving goes on
     _assert_unavailable(_send(c, "p1", "1"))
     assert label_of(c.infer("p1", features(1))) == 1
     assert wait_for(lambda: _metric(gw, "onnxgate_predlog_write_errors_total") >= 1, 10)
 
     _set_fsize(gw, "unlimited")  # space again: the failed rolls are retried, the writers recover
-    for writer in ("feedback", "predictions"):
-        assert wait_for(
-            lambda w=writer: _metric(gw, "onnxgate_predlog_writer_up", writer=w) == 1,  # type: ignore[misc]
-            10,
-        ), _metrics(gw)
-    assert not list(log_dir.rglob("*.arrows")) or wait_for(lambda: not list(log_dir.rglob("*.arrows")), 5)
+    up = "onnxgate_predlog_writer_up"
+    assert wait_for(lambda: _metric(gw, up, writer="feedback") == _metric(gw, up, writer="predictions") == 1, 10)
     for i in range(2, 6):
         c.infer(f"p{i}", features(i))
         assert not isinstance(_send(c, f"p{i}", str(i % 4)), grpc.RpcError)
