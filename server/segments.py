@@ -318,7 +318,7 @@ class SegmentWriter:
 
         On failure the segment is sealed at its last durable message, the error counted, and the
         error raised: the batch is not stored, and nothing after it goes into the same file."""
-        base = self._schema or self._last_schema
+        base = self._schema if self._schema is not None else self._last_schema
         schema = batch.schema if base is None else widen(base, batch.schema)
         if self._fd is not None and not schema.equals(self._schema):
             self.roll()
