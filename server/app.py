@@ -30,6 +30,7 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.pb.pool import POOL
 from onnxgate.server.predlog import PredictionLog, PredLogCollector
+from onnxgate.server.replica_lock import ReplicaInUse, ReplicaLock
 from onnxgate.server.repository import Repository
 from onnxgate.server.service import InferenceServicer, State
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 FEEDBACK_SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
+# the prediction log's writer in the health service (it has no RPCs of its own): NOT_SERVING while it
+# cannot write; serving goes on, and so does "" (readiness), since inference does not depend on it
+PREDLOG_HEALTH_NAME = "onnxgate.v1.PredictionLog"
 
 
 class StartupError(Exception):
@@ -62,8 +66,14 @@ class Gateway:
         self.predlog: PredictionLog | None = None
         self.feedback: FeedbackStore | None = None
         self.joiner: Joiner | None = None
+        self.replica_lock: ReplicaLock | None = None
         predlog_settings = settings.predlog()
         if predlog_settings is not None:
+            # before anything reads or recovers the replica directory: one writing process per directory
+            try:
+                self.replica_lock = ReplicaLock(predlog_settings.replica_dir)
+            except ReplicaInUse as e:
+                raise StartupError(str(e)) from None
             self.predlog = PredictionLog(predlog_settings)
             self.joiner = Joiner(
                 predlog_settings.log_dir,
@@ -72,7 +82,8 @@ class Gateway:
                 predlog=self.predlog,
             )
             self.feedback = FeedbackStore(predlog_settings, known=self.joiner.known)
-            self.registry.register(PredLogCollector(self.predlog))
+            self.joiner.on_feedback = self.feedback.observe
+            self.registry.register(PredLogCollector(self.predlog, self.feedback))
             self.registry.register(QualityCollector(self.joiner))
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -80,6 +91,7 @@ class Gateway:
         self.metrics_port = 0
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._log_watcher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -129,6 +141,8 @@ class Gateway:
             )
         await self.server.start()
         if self.joiner is not None:
+            # one join before serving: feedback for a prediction logged before a restart is ACCEPTED at once
+            await asyncio.to_thread(self.joiner.run_once)
             self.joiner.start()
         # bind first, then load: liveness answers while a large repository loads, readiness waits
         if s.model_control_mode == "explicit":
@@ -137,6 +151,8 @@ class Gateway:
             await self.repository.load_all()
         if s.model_control_mode == "poll":
             self._poller = asyncio.create_task(self.repository.poll_forever(s.poll_interval_s))
+        if self.predlog is not None:
+            self._log_watcher = asyncio.create_task(self._watch_log_health())
         self.state.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -145,8 +161,9 @@ class Gateway:
     async def stop(self, grace_s: float | None = None) -> None:
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._log_watcher):
+            if task is not None:
+                task.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         if self._metrics_server is not None:
@@ -157,6 +174,19 @@ class Gateway:
         for closable in (self.joiner, self.feedback, self.predlog):
             if closable is not None:
                 await asyncio.to_thread(closable.close)
+        if self.replica_lock is not None:  # last: every segment is rolled and closed
+            self.replica_lock.release()
+
+    async def _watch_log_health(self, period_s: float = 1.0) -> None:
+        """Mirror the log writers' health into the gRPC health service (the writers run on threads)."""
+        shown: dict[str, bool] = {}
+        while True:
+            for name, writer in ((FEEDBACK_SERVICE_NAME, self.feedback), (PREDLOG_HEALTH_NAME, self.predlog)):
+                if writer is not None and shown.get(name) != writer.healthy:
+                    shown[name] = writer.healthy
+                    serving = health_pb2.HealthCheckResponse.SERVING
+                    await self.health.set(name, serving if shown[name] else health_pb2.HealthCheckResponse.NOT_SERVING)
+            await asyncio.sleep(period_s)
 
     async def wait(self) -> None:
         assert self.server is not None

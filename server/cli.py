@@ -111,7 +111,11 @@ def _unusable_repository(root: Path) -> str | None:
 async def _run(settings: Settings, root: Path) -> int:
     from onnxgate.server.app import Gateway, StartupError
 
-    gateway = Gateway(settings, root)
+    try:
+        gateway = Gateway(settings, root)  # takes the prediction log's replica directory
+    except StartupError as e:
+        print(f"onnxgate: {e}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -58,9 +58,9 @@ class StreamRead:
     total_bytes: int
 
 
-def read_stream(path: Path) -> StreamRead:
-    """Every complete batch of a stream file; a torn tail is reported, not raised."""
-    data = path.read_bytes()
+def read_stream(source: Path | bytes) -> StreamRead:
+    """Every complete batch of a stream file (or its bytes); a torn tail is reported, not raised."""
+    data = source.read_bytes() if isinstance(source, Path) else source
     buf = pa.BufferReader(data)
     try:
         reader = pa.ipc.open_stream(buf)

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from onnxgate.server.feedback import read_feedback
@@ -165,6 +166,9 @@ def test_writers_survive_failed_rolls_and_report_health(
         return failed and _metric(gw, "onnxgate_predlog_writer_up", writer=writer) == 0
 
     assert wait_for(lambda: down("feedback") and down("predictions"), 10), _metrics(gw)
+    # the health service says so per writer; readiness ("") stays SERVING: inference does not need the log
+    assert wait_for(lambda: _health(gw, FEEDBACK_HEALTH) == _health(gw, PREDLOG_HEALTH) == NOT_SERVING, 5)
+    assert _health(gw, "") == SERVING
     # the writer answers (no hang until the deadline): UNAVAILABLE; serving goes on
     _assert_unavailable(_send(c, "p1", "1"))
     assert label_of(c.infer("p1", features(1))) == 1
@@ -173,6 +177,7 @@ def test_writers_survive_failed_rolls_and_report_health(
     _set_fsize(gw, "unlimited")  # space again: the failed rolls are retried, the writers recover
     up = "onnxgate_predlog_writer_up"
     assert wait_for(lambda: _metric(gw, up, writer="feedback") == _metric(gw, up, writer="predictions") == 1, 10)
+    assert wait_for(lambda: _health(gw, FEEDBACK_HEALTH) == _health(gw, PREDLOG_HEALTH) == SERVING, 5)
     for i in range(2, 6):
         c.infer(f"p{i}", features(i))
         assert not isinstance(_send(c, f"p{i}", str(i % 4)), grpc.RpcError)
@@ -181,6 +186,16 @@ def test_writers_survive_failed_rolls_and_report_health(
     assert gw.terminate() == 0
     assert _feedback_counts(log_dir) == Counter(["p0", "p2", "p3", "p4", "p5"])
     assert {"p0", "p2", "p3", "p4", "p5"} <= set(_prediction_ids(log_dir))
+
+
+FEEDBACK_HEALTH, PREDLOG_HEALTH = "onnxgate.v1.Feedback", "onnxgate.v1.PredictionLog"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(gw: SpawnedGateway, service: str) -> int:
+    with grpc.insecure_channel(gw.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
 
 def _faketime(offset: str) -> dict[str, str]:
