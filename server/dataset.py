@@ -10,12 +10,20 @@ One row per prediction with feedback, from every replica's log:
     truth_label, truth_value,  the latest feedback of the prediction (duplicates removed)
     truth_<tensor>..., reward, feedback_id, feedback_at
 
-Written as Parquet, or as CSV when the file name ends in .csv (list columns as JSON text there).
+Rows are ordered by (predicted_at, prediction_id). Written as Parquet, or as CSV when the file name
+ends in .csv (list columns as JSON text there).
+
+Engines (`--engine`): `duckdb` (the default; server/logquery.py: DuckDB scans the segments, bounded by
+`--memory-limit`), `arrow` (this module's pure-pyarrow path: the log in memory as Python rows; the
+reference the others are tested against), `spark` (server/spark_export.py; `pip install onnxgate[spark]`).
+`--log-dir` is a directory or an object-store URI (s3://, gs://, abfs://; duckdb and spark engines).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -28,9 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from onnxgate.server import logquery
 from onnxgate.server.feedback import read_feedback
 from onnxgate.server.feedback_order import Row
 from onnxgate.server.join import Joined, dedupe_feedback, join, primary_output, read_predictions
+from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
 from onnxgate.server.segments import SkipList
 
@@ -54,7 +64,7 @@ def joined_rows(
 
 
 def build_table(joined: Joined) -> pa.Table:
-    rows = joined.rows
+    rows = sorted(joined.rows, key=lambda r: (r[0]["ts"], r[0]["id"]))  # the export's order, every engine
     columns: dict[str, list[Any]] = {
         "prediction_id": [p["id"] for p, _ in rows],
         "model": [p["model"] for p, _ in rows],
@@ -118,19 +128,85 @@ def _expand(columns: dict[str, list[Any]], name: str, values: list[list[Any] | N
     columns[name] = values
 
 
-def export(log_dir: Path, model: str, out: Path, *, version: str | None = None, since: datetime | None = None) -> int:
-    """Write the labelled rows of `model` to `out` (.parquet or .csv); returns the row count. Unreadable
-    log files are skipped, each named on stderr."""
+def export(
+    log_dir: str | Path,
+    model: str,
+    out: Path,
+    *,
+    version: str | None = None,
+    since: datetime | None = None,
+    engine: str = "duckdb",
+    memory_limit: str = logquery.DEFAULT_MEMORY_LIMIT,
+    threads: int = logquery.DEFAULT_THREADS,
+    spark_master: str | None = None,
+) -> int:
+    """Write the labelled rows of `model` to `out` (.parquet or .csv; a directory of Parquet part files
+    with the spark engine); returns the row count. Unreadable log files are skipped, each named on
+    stderr."""
     skipped: SkipList = {}
-    table = build_table(joined_rows(log_dir, model, version=version, since=since, skipped=skipped))
-    for path, why in sorted(skipped.items()):
-        print(f"onnxgate dataset: skipped unreadable file {path} ({why})", file=sys.stderr)
+    if engine == "spark":
+        n = _spark().export(
+            str(log_dir), model, str(out), version=version, since=since, master=spark_master, skipped=skipped
+        )
+        _warn(skipped)
+        return int(n)
+    if engine == "arrow":
+        table = build_table(joined_rows(Path(log_dir), model, version=version, since=since, skipped=skipped))
+    else:
+        log = LogFiles.at(log_dir)
+        table = logquery.export_table(
+            log, model, version=version, since=since, skipped=skipped, memory_limit=memory_limit, threads=threads
+        )
+    _warn(skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         pcsv.write_csv(_csv_safe(table), out)
     else:
         pq.write_table(table, out)
     return int(table.num_rows)
+
+
+def arrow_report(
+    log_dir: Path, model: str = "", *, unknown_after_s: float, now: float | None = None
+) -> logquery.Report:
+    """logquery.report computed by the pure-pyarrow path (the reference; Joiner.report's semantics)."""
+    skipped: SkipList = {}
+    view = dedupe_feedback(read_feedback(log_dir, skipped))
+    predictions = read_predictions(log_dir, with_inputs=False, skipped=skipped)
+    j = join(predictions, view, unknown_after_s=unknown_after_s, now=now)
+    n_predictions = j.predictions
+    if model:
+        mine = read_predictions(log_dir, [model], with_inputs=False)
+        n_predictions = 0 if mine is None else len(pc.unique(mine["id"]))
+
+    def of_model(ids: list[str]) -> list[str]:
+        return [i for i in ids if not model or view.latest[i]["model"] in ("", model)]
+
+    pending, unknown = of_model(j.pending), of_model(j.unknown)
+    return logquery.Report(
+        predictions=n_predictions,
+        feedback=view.distinct,
+        duplicates=view.duplicates,
+        joined=sum(1 for p, _ in j.rows if not model or p["model"] == model),
+        pending=len(pending),
+        unknown=len(unknown),
+        pending_ids=pending,
+        unknown_ids=unknown,
+        reused_ids=j.reused,
+        unreadable={str(path): why for path, why in skipped.items()},
+    )
+
+
+def _warn(skipped: SkipList) -> None:
+    for path, why in sorted(skipped.items()):
+        print(f"onnxgate dataset: skipped unreadable file {path} ({why})", file=sys.stderr)
+
+
+def _spark() -> Any:
+    """server/spark_export.py, or SystemExit with the one line that says what to install."""
+    if importlib.util.find_spec("pyspark") is None:
+        raise SystemExit("onnxgate dataset: --engine spark needs PySpark: pip install 'onnxgate[spark]'")
+    return importlib.import_module("onnxgate.server.spark_export")
 
 
 def _csv_safe(table: pa.Table) -> pa.Table:
@@ -163,43 +239,57 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     exp.add_argument("--model", required=True, help="model name")
     exp.add_argument("--version", help="only predictions of this version")
     exp.add_argument("--since", type=parse_since, help="only predictions at or after (ISO-8601, or epoch seconds)")
-    exp.add_argument("--out", type=Path, required=True, help="output file: .parquet, or .csv")
+    exp.add_argument("--out", type=Path, required=True, help="output file: .parquet, or .csv (spark: a directory)")
+    exp.add_argument("--engine", choices=("duckdb", "arrow", "spark"), default="duckdb", help="default: duckdb")
+    exp.add_argument("--spark-master", help="Spark master URL (default: local[2], or spark-submit's)")
     rep = sub.add_parser("report", help="counts of the join; feedback whose prediction was never found")
     rep.add_argument("--unknown-after-s", type=float, default=300.0, help="grace period before 'unknown'")
+    rep.add_argument("--model", default="", help="one model's share (predictions, joined, pending, unknown)")
+    rep.add_argument("--engine", choices=("duckdb", "arrow"), default="duckdb", help="default: duckdb")
     for p in (exp, rep):
         p.add_argument(
             "--log-dir",
-            type=Path,
             default=os.environ.get("ONNXGATE_PREDLOG_DIR"),
-            help="the prediction log directory (default: $ONNXGATE_PREDLOG_DIR)",
+            help="the prediction log: a directory, or s3://, gs://, abfs:// (default: $ONNXGATE_PREDLOG_DIR)",
         )
+        p.add_argument(
+            "--memory-limit", default=logquery.DEFAULT_MEMORY_LIMIT, help="DuckDB's memory_limit (it spills past it)"
+        )
+        p.add_argument("--threads", type=int, default=logquery.DEFAULT_THREADS, help="DuckDB's threads")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.log_dir is None or not Path(args.log_dir).is_dir():
-        print(f"onnxgate dataset: no prediction log at {args.log_dir} (--log-dir)", file=sys.stderr)
+    location = args.log_dir
+    remote = location is not None and "://" in str(location)
+    if location is None or (not remote and not Path(location).is_dir()):
+        print(f"onnxgate dataset: no prediction log at {location} (--log-dir)", file=sys.stderr)
+        return 2
+    if remote and args.engine == "arrow":
+        print("onnxgate dataset: --engine arrow reads local directories only; use duckdb or spark", file=sys.stderr)
         return 2
     if args.dataset_command == "export":
-        n = export(Path(args.log_dir), args.model, args.out, version=args.version, since=args.since)
+        n = export(
+            location,
+            args.model,
+            args.out,
+            version=args.version,
+            since=args.since,
+            engine=args.engine,
+            memory_limit=args.memory_limit,
+            threads=args.threads,
+            spark_master=args.spark_master,
+        )
         print(f"wrote {n} rows to {args.out}")
         return 0
-    skipped: SkipList = {}
-    view = dedupe_feedback(read_feedback(Path(args.log_dir), skipped))
-    predictions = read_predictions(Path(args.log_dir), with_inputs=False, skipped=skipped)
-    j = join(predictions, view, unknown_after_s=args.unknown_after_s)
-    print(
-        json.dumps(
-            {
-                "predictions": j.predictions,
-                "feedback": view.distinct,
-                "duplicates": view.duplicates,
-                "joined": len(j.rows),
-                "pending": j.pending,
-                "unknown": j.unknown,
-                "reused_prediction_ids": j.reused,
-                "unreadable_files": {str(path): why for path, why in sorted(skipped.items())},
-            },
-            indent=2,
+    if args.engine == "arrow":
+        summary = arrow_report(Path(location), args.model, unknown_after_s=args.unknown_after_s)
+    else:
+        summary = logquery.report(
+            LogFiles.at(location),
+            args.model,
+            unknown_after_s=args.unknown_after_s,
+            memory_limit=args.memory_limit,
+            threads=args.threads,
         )
-    )
+    print(json.dumps(summary.as_json(), indent=2))
     return 0
