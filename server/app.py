@@ -21,10 +21,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
+from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.metrics import GatewayCollector, serve_metrics
+from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, open_uploader
 from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
@@ -41,6 +43,8 @@ FEEDBACK_SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].ful
 # the prediction log's writer in the health service (it has no RPCs of its own): NOT_SERVING while it
 # cannot write; serving goes on, and so does "" (readiness), since inference does not depend on it
 PREDLOG_HEALTH_NAME = "onnxgate.v1.PredictionLog"
+# uploads to the object store (server/objectstore.py): NOT_SERVING while they fail
+PREDLOG_STORE_HEALTH_NAME = "onnxgate.v1.PredictionLogStore"
 
 
 class StartupError(Exception):
@@ -67,13 +71,22 @@ class Gateway:
         self.feedback: FeedbackStore | None = None
         self.joiner: Joiner | None = None
         self.replica_lock: ReplicaLock | None = None
+        self.uploader: Uploader | None = None
+        self.adopter: Adopter | None = None
         predlog_settings = settings.predlog()
         if predlog_settings is not None:
             # before anything reads or recovers the replica directory: one writing process per directory
             try:
                 self.replica_lock = ReplicaLock(predlog_settings.replica_dir)
-            except ReplicaInUse as e:
+                # an object store: checked, and this replica's sequence numbers raised past what it holds
+                self.uploader = open_uploader(predlog_settings)
+            except (ReplicaInUse, StoreUnusable) as e:
                 raise StartupError(str(e)) from None
+            except OSError as e:
+                raise StartupError(
+                    f"prediction log directory {predlog_settings.log_dir} cannot be used ({e.strerror or e}):"
+                    " set --predlog-dir, or --predlog-local-dir with an object store"
+                ) from None
             self.predlog = PredictionLog(predlog_settings)
             self.joiner = Joiner(
                 predlog_settings.log_dir,
@@ -85,6 +98,15 @@ class Gateway:
             self.joiner.on_feedback = self.feedback.observe
             self.registry.register(PredLogCollector(self.predlog, self.feedback))
             self.registry.register(QualityCollector(self.joiner))
+            self.adopter = Adopter(
+                predlog_settings.log_dir,
+                predlog_settings.replica_id,
+                interval_s=predlog_settings.adopt_interval_s,
+                uploader=self.uploader,
+            )
+            self.registry.register(AdoptionCollector(self.adopter))
+            if self.uploader is not None:
+                self.registry.register(StoreCollector(self.uploader))
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -144,6 +166,10 @@ class Gateway:
             # one join before serving: feedback for a prediction logged before a restart is ACCEPTED at once
             await asyncio.to_thread(self.joiner.run_once)
             self.joiner.start()
+        if self.uploader is not None:
+            self.uploader.start()
+        if self.adopter is not None:
+            self.adopter.start()
         # bind first, then load: liveness answers while a large repository loads, readiness waits
         if s.model_control_mode == "explicit":
             await self.repository.load_all(list(s.load_model))
@@ -171,7 +197,8 @@ class Gateway:
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         # after the server stopped: every answered prediction is queued; write it, roll the segments
-        for closable in (self.joiner, self.feedback, self.predlog):
+        # the uploader last: its final pass uploads what the writers rolled at their close
+        for closable in (self.adopter, self.joiner, self.feedback, self.predlog, self.uploader):
             if closable is not None:
                 await asyncio.to_thread(closable.close)
         if self.replica_lock is not None:  # last: every segment is rolled and closed
@@ -181,7 +208,11 @@ class Gateway:
         """Mirror the log writers' health into the gRPC health service (the writers run on threads)."""
         shown: dict[str, bool] = {}
         while True:
-            for name, writer in ((FEEDBACK_SERVICE_NAME, self.feedback), (PREDLOG_HEALTH_NAME, self.predlog)):
+            for name, writer in (
+                (FEEDBACK_SERVICE_NAME, self.feedback),
+                (PREDLOG_HEALTH_NAME, self.predlog),
+                (PREDLOG_STORE_HEALTH_NAME, self.uploader),
+            ):
                 if writer is not None and shown.get(name) != writer.healthy:
                     shown[name] = writer.healthy
                     serving = health_pb2.HealthCheckResponse.SERVING

@@ -83,7 +83,7 @@ def _serve(args: dict[str, Any]) -> int:
             return 2
         root = ensure_example_repository(root)
         # the embedded default logs every prediction on local disk, beside the example repository
-        predlog_dir = settings.predlog_dir or root.parent / "predlog"
+        predlog_dir = settings.predlog_dir or str(root.parent / "predlog")
         settings = dataclasses.replace(settings, model_repository=root, predlog_dir=predlog_dir)
     assert root is not None
     problem = _unusable_repository(root)

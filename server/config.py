@@ -64,8 +64,23 @@ class Settings:
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     # the prediction log and feedback (server/predlog.py): off unless predlog_dir is set
-    predlog_dir: Path | None = field(
-        default=None, metadata={"help": "prediction log directory, shared by replicas (unset: no log, no feedback)"}
+    # a string, not a Path: an object-store URI (s3://bucket/prefix) must keep its '//'
+    predlog_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "prediction log: a directory shared by replicas, or an s3://, gs:// or abfs:// URI"
+            " (unset: no log, no feedback)"
+        },
+    )
+    predlog_local_dir: Path | None = field(
+        default=None,
+        metadata={
+            "help": "with an object-store predlog_dir: the local write-ahead directory (open segments, uploads"
+            " waiting; unset: ~/.cache/onnxgate/predlog-wal)"
+        },
+    )
+    predlog_adopt_interval_s: float = field(
+        default=30.0, metadata={"help": "seconds between looks for segments that dead replicas left open (0: never)"}
     )
     predlog_replica_id: str = field(
         default="", metadata={"help": "this replica's subdirectory of the log (empty: hostname-pid-random)"}

@@ -37,6 +37,7 @@ import pyarrow as pa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from onnxgate.server.objectstore import split_location
 from onnxgate.server.segments import IO_OPS, IOHealth, RecoveryReport, SegmentWriter, SkipList
 
 if TYPE_CHECKING:
@@ -90,8 +91,14 @@ class PredLogSettings:
     feedback_max_batch: int = 512
     join_interval_s: float = 5.0
     unknown_after_s: float = 300.0
+    # an object store (s3://...) the rolled segments are uploaded to; log_dir is then the local write-ahead
+    # directory (server/objectstore.py)
+    store_uri: str | None = None
+    adopt_interval_s: float = 30.0  # looks for segments that dead replicas left open (server/adopt.py); 0: never
 
     def __post_init__(self) -> None:
+        if self.adopt_interval_s < 0:
+            raise ValueError(f"adopt_interval_s must be >= 0, got {self.adopt_interval_s}")
         if self.queue_size < 1 or self.flush_records < 1 or self.flush_ms <= 0:
             raise ValueError("queue_size and flush_records must be >= 1 and flush_ms > 0")
         if self.segment_max_bytes < 1 or self.segment_max_age_s <= 0:
@@ -136,14 +143,19 @@ def predlog_settings(s: Settings) -> PredLogSettings:
         )
 
     models = {m: policy(m) for m in {*rates, *what, *excluded} - {"*"}}
+    log_dir, store_uri = split_location(s.predlog_dir, s.predlog_local_dir)
     return PredLogSettings(
-        s.predlog_dir,
+        log_dir,
+        store_uri=store_uri,
+        adopt_interval_s=s.predlog_adopt_interval_s,
         replica_id=s.predlog_replica_id or default_replica_id(),
         queue_size=s.predlog_queue_size,
         flush_records=s.predlog_flush_records,
         flush_ms=s.predlog_flush_ms,
-        retention_s=s.predlog_retention_s,
-        retention_bytes=s.predlog_retention_bytes or None,
+        # with an object store the local copies go once uploaded, and retention is the bucket's (lifecycle
+        # rules): local retention would race the uploader and could delete what was never uploaded
+        retention_s=None if store_uri else s.predlog_retention_s,
+        retention_bytes=None if store_uri else s.predlog_retention_bytes or None,
         segment_max_bytes=s.predlog_segment_max_bytes,
         segment_max_age_s=s.predlog_segment_max_age_s,
         default_policy=policy("*"),

@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 LOCK_NAME = ".lock"
+# what a live replica adopting this directory (server/adopt.py) writes into the lock while it holds it
+ADOPTING = "adopting"
+ADOPTION_WAIT_S = 60.0
 
 
 class ReplicaInUse(Exception):
@@ -31,10 +34,17 @@ class ReplicaLock:
         replica_dir.mkdir(parents=True, exist_ok=True)
         self.path = replica_dir / LOCK_NAME
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        deadline = time.monotonic() + ADOPTION_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _read_holder(fd)
+            # another replica rolls what this replica's predecessor left open: done in moments, then ours
+            if holder.startswith(ADOPTING) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
             os.close(fd)
             raise ReplicaInUse(
                 f"prediction log directory {replica_dir} is in use by another process ({holder}): each process "

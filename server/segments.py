@@ -209,7 +209,20 @@ def recover(directory: Path, kind: str) -> RecoveryReport:
 
 def next_seq(directory: Path, kind: str) -> int:
     seqs = [int(m["seq"]) for p in directory.iterdir() if (m := _NAME.match(p.name)) and m["kind"] == kind]
-    return max(seqs, default=0) + 1
+    return max(*seqs, seq_mark(directory, kind), 0) + 1
+
+
+def seq_mark_path(directory: Path, kind: str) -> Path:
+    return directory / f".{kind}-seq"
+
+
+def seq_mark(directory: Path, kind: str) -> int:
+    """The highest sequence number used by segments no longer here (uploaded to an object store, then
+    removed: server/objectstore.py); 0 when none. A new segment must never reuse one."""
+    try:
+        return int(seq_mark_path(directory, kind).read_text())
+    except FileNotFoundError:
+        return 0
 
 
 WRITE, ROLL, RETENTION = "write", "roll", "retention"
