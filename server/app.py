@@ -26,7 +26,7 @@ from onnxgate.server.config import Settings, env_name
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.metrics import GatewayCollector, serve_metrics
-from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, open_uploader
+from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, log_readers, open_uploader
 from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
@@ -89,9 +89,11 @@ class Gateway:
                 ) from None
             self.predlog = PredictionLog(predlog_settings)
             self.joiner = Joiner(
-                predlog_settings.log_dir,
+                log_readers(predlog_settings),
                 interval_s=predlog_settings.join_interval_s,
                 unknown_after_s=predlog_settings.unknown_after_s,
+                window_s=predlog_settings.quality_window_s,
+                max_predictions=predlog_settings.join_max_predictions,
                 predlog=self.predlog,
             )
             self.feedback = FeedbackStore(predlog_settings, known=self.joiner.known)

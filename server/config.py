@@ -106,6 +106,12 @@ class Settings:
         default=(), metadata={"help": "MODEL:INPUT inputs never logged (personal data)"}
     )
     predlog_join_interval_s: float = field(default=5.0, metadata={"help": "seconds between quality-metric joins"})
+    predlog_quality_window_s: float = field(
+        default=3600.0, metadata={"help": "the quality metrics cover predictions of this many seconds (the newest)"}
+    )
+    predlog_join_max_predictions: int = field(
+        default=500_000, metadata={"help": "predictions the live join keeps at most (memory bound)"}
+    )
     predlog_unknown_after_s: float = field(
         default=300.0, metadata={"help": "feedback without its prediction after this long is reported unknown"}
     )
@@ -130,6 +136,14 @@ class Settings:
         _check(self.inline_run_us >= 0, "inline_run_us", self.inline_run_us, "0 or more microseconds")
         _check(self.default_max_batch_size >= 0, "default_max_batch_size", self.default_max_batch_size, "0 or more")
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "0 or more seconds")
+        window = self.predlog_quality_window_s
+        _check(window > 0, "predlog_quality_window_s", window, "a positive number of seconds")
+        _check(
+            self.predlog_join_max_predictions >= 1,
+            "predlog_join_max_predictions",
+            self.predlog_join_max_predictions,
+            "at least 1",
+        )
         if self.predlog_dir is not None:
             self.predlog()  # checks the per-model entries now, with the other settings
         if self.model_repository is None and not self.example:

@@ -32,6 +32,8 @@ import pyarrow as pa
 
 from onnxgate.server.errors import InvalidArgument, ResourceExhausted, Unavailable
 from onnxgate.server.feedback_order import FeedbackIndex, Row, content_hash, order_key
+from onnxgate.server.logfiles import LogFiles
+from onnxgate.server.objectstore import log_readers
 from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.pb import feedback_pb2_grpc as fpb_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
@@ -217,6 +219,25 @@ def read_feedback(log_dir: Path, skipped: SkipList | None = None) -> pa.Table:
     return pa.concat_tables([conform(t) for t in tables]) if tables else SCHEMA.empty_table()
 
 
+def recent_feedback(readers: list[LogFiles], window_s: float, skipped: SkipList) -> list[Row]:
+    """Every replica's feedback of the last `window_s` (whole segments: a rolled segment whose newest
+    row is older is not read), for a store that starts: bounded by the window, not by the log. Of a
+    segment listed by two readers (the write-ahead and the store), the first one's is read."""
+    cutoff_us = int((time.time() - window_s) * 1e6)
+    rows: list[Row] = []
+    seen: set[tuple[str, str | None, str, int]] = set()
+    for logs in readers:
+        for segment in logs.segments(FEEDBACK, skipped=skipped):
+            newest = logs.newest_ts(segment)
+            if segment.key in seen or (newest is not None and newest < cutoff_us):
+                continue
+            table = logs.read(segment, skipped)
+            if table is not None:
+                seen.add(segment.key)
+                rows.extend(conform(table).to_pylist())
+    return rows
+
+
 def conform(table: pa.Table) -> pa.Table:
     """A feedback table in today's schema: columns older files lack are added as nulls."""
     for name in SCHEMA.names:
@@ -239,10 +260,10 @@ class FeedbackStore:
         self.settings = settings
         self._known = known
         self.skipped: SkipList = {}
-        existing = read_feedback(settings.log_dir, self.skipped).to_pylist()
+        existing = recent_feedback(log_readers(settings), settings.quality_window_s, self.skipped)
         for path, why in self.skipped.items():
             log.warning("feedback: skipped unreadable log file %s (%s)", path, why)
-        # what every replica stored: answers DUPLICATE; the clock stamps past all of it
+        # what every replica stored lately: answers DUPLICATE; the clock stamps past all of it
         self._index = FeedbackIndex.of(existing)
         self._index_lock = threading.Lock()  # the writer thread and observe() (the joiner's thread)
         self._clock_us = max((int(r["ts"].timestamp() * 1e6) for r in existing), default=0)
@@ -333,6 +354,17 @@ class FeedbackStore:
             for row in sorted((r for r in rows if r["replica"] != mine), key=order_key):
                 self._index.add(row)
                 self._clock_us = max(self._clock_us, _micros(row["ts"]))
+            self._forget_before(self._clock_us - int(self.settings.quality_window_s * 1e6))
+
+    def _forget_before(self, cutoff_us: int) -> None:
+        # bounded memory: truths that last changed before the window are forgotten (the oldest first);
+        # a resend of one is then stored again, and the join's dedupe still counts it once
+        latest = self._index.latest
+        while latest:
+            pid, row = next(iter(latest.items()))
+            if _micros(row["ts"]) >= cutoff_us:
+                break
+            self._index.forget(pid)
 
     def _commit(self, group: list[tuple[FeedbackRecord, Answer]]) -> None:
         answers: list[tuple[int, str]] = []

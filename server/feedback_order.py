@@ -56,8 +56,8 @@ class FeedbackIndex:
     """The latest feedback per prediction id, and what was stored, for duplicate checks."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, Row] = {}
-        self._ids: set[tuple[str, str]] = set()
+        self.latest: dict[str, Row] = {}  # ordered by when a prediction's truth last changed
+        self._ids: dict[str, set[str]] = {}  # prediction id -> its stored feedback ids
         self.distinct = 0
         self.duplicates = 0
 
@@ -71,7 +71,7 @@ class FeedbackIndex:
 
     def duplicate_of(self, prediction_id: str, feedback_id: str, content: str) -> str | None:
         """The stored feedback id this message repeats, or None when it is new."""
-        if feedback_id and (prediction_id, feedback_id) in self._ids:
+        if feedback_id and self.has_id(prediction_id, feedback_id):
             return feedback_id
         current = self.latest.get(prediction_id)
         if current is not None and row_content(current) == content:
@@ -79,7 +79,7 @@ class FeedbackIndex:
         return None
 
     def has_id(self, prediction_id: str, feedback_id: str) -> bool:
-        return (prediction_id, feedback_id) in self._ids
+        return feedback_id in self._ids.get(prediction_id, ())
 
     def add(self, row: Row) -> bool:
         """Take a stored row into account; False when it is a duplicate."""
@@ -87,9 +87,15 @@ class FeedbackIndex:
         if self.duplicate_of(pid, row["feedback_id"], row_content(row)) is not None:
             self.duplicates += 1
             return False
-        self._ids.add((pid, row["feedback_id"]))
+        self._ids.setdefault(pid, set()).add(row["feedback_id"])
         self.distinct += 1
         current = self.latest.get(pid)
         if current is None or order_key(row) > order_key(current):
+            self.latest.pop(pid, None)  # re-inserted at the end: `latest` stays in order of change
             self.latest[pid] = row
         return True
+
+    def forget(self, prediction_id: str) -> None:
+        """Drop a prediction's feedback (bounded memory: it left the window of the live join)."""
+        self.latest.pop(prediction_id, None)
+        self._ids.pop(prediction_id, None)

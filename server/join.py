@@ -17,22 +17,25 @@ elements, e.g. skl2onnx's `label` rather than `probabilities`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from onnxgate.server.feedback import read_feedback
-from onnxgate.server.feedback_order import FeedbackIndex, Row
+from onnxgate.server.feedback import FEEDBACK
+from onnxgate.server.feedback_order import FeedbackIndex, Row, order_key
+from onnxgate.server.logfiles import LogFiles, Segment
 from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
 from onnxgate.server.segments import PARQUET_EXT, SkipList, read_segment, segment_paths
@@ -185,6 +188,11 @@ class Quality:
     def mean_reward(self) -> float | None:
         return self.reward / self.rewarded if self.rewarded else None
 
+    def merge(self, other: Quality, sign: int) -> None:
+        """Add (sign 1) or take away (sign -1) another's sums: a joined row's contribution."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + sign * getattr(other, f.name))
+
     def add(self, prediction: Row, feedback: Row) -> None:
         self.joined += 1
         if feedback["reward"] is not None:
@@ -236,26 +244,67 @@ def quality(joined: Joined) -> dict[tuple[str, str], Quality]:
 
 @dataclass
 class Snapshot:
-    joined: Joined
+    """The live join's view after a round: quality per (model, version) over the window, and counts."""
+
     quality: dict[tuple[str, str], Quality]
+    predictions: int  # distinct prediction ids in the window
+    joined: int
+    pending: list[str]  # feedback without its prediction, younger than unknown_after_s
+    unknown: list[str]  # ... older
+    duplicates: int
+    reused: int  # prediction ids in the window that several logged predictions carry
     at: float = field(default_factory=time.time)
 
 
+@dataclass
+class _Prediction:
+    row: Row  # id, model, version, ts and the output columns (no inputs) of the latest prediction of its id
+    count: int = 1
+
+
 class Joiner:
-    """Re-joins the whole log every `interval_s` in a background thread; keeps the latest snapshot."""
+    """The live join: every `interval_s`, predictions ⋈ feedback over what is new since the last round.
+
+    Incremental: a watermark per segment (rows consumed) means each round reads only the open segments
+    that grew and segments it has not finished; a rolled segment read to its end is never read again.
+    Bounded: it keeps the predictions of the last `window_s` of prediction time (at most
+    `max_predictions` of them), their feedback, and feedback still waiting for its prediction; what
+    leaves the window leaves the quality metrics with it. So the metrics are the quality of the recent
+    predictions, and memory does not grow with the log. Exact numbers over everything the log holds are
+    the `dataset` commands' and FeedbackReport's (they read the files).
+    """
 
     def __init__(
-        self, log_dir: Path, *, interval_s: float, unknown_after_s: float, predlog: PredictionLog | None = None
+        self,
+        log: LogFiles | Path | Sequence[LogFiles],
+        *,
+        interval_s: float,
+        unknown_after_s: float,
+        window_s: float = 3600.0,
+        max_predictions: int = 500_000,
+        predlog: PredictionLog | None = None,
     ) -> None:
-        self.log_dir = log_dir
+        self.logs = [LogFiles.at(log)] if isinstance(log, Path) else [log] if isinstance(log, LogFiles) else list(log)
         self.interval_s = interval_s
         self.unknown_after_s = unknown_after_s
+        self.window_s = window_s
+        self.max_predictions = max_predictions
         self._predlog = predlog
-        self._cache: dict[Path, pa.Table] = {}
-        self._ids: set[str] = set()
-        self._id_rows: dict[Path, int] = {}
-        self.skipped: SkipList = {}  # unreadable files met by the latest join
-        # the feedback store's observe(): every join tells it what other replicas stored
+        self._done: dict[SegmentKey, int] = {}  # rows consumed per segment
+        self._sizes: dict[SegmentKey, int] = {}  # bytes of an open segment when last read
+        self._complete: set[SegmentKey] = set()  # rolled and consumed to the end (or older than the window)
+        self._predictions: dict[str, _Prediction] = {}  # in order of arrival: the oldest first
+        self._feedback = FeedbackIndex()
+        self._contributions: dict[str, tuple[tuple[str, str], Quality]] = {}
+        self._quality: dict[tuple[str, str], Quality] = {}
+        self._pending: dict[str, float] = {}  # prediction id -> its feedback's stamp (s)
+        self._newest_us = 0  # the newest prediction time seen: the window ends there
+        self._reused = 0
+        self.skipped: SkipList = {}  # unreadable files met by the latest round
+        self.segments_read = 0  # work done, for the metrics (and to show it grows with new rows only)
+        self.rows_read = 0
+        self.last_round_s = 0.0
+        # the feedback store's observe(): every round tells it the new feedback other replicas stored
         self.on_feedback: Callable[[list[Row]], None] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -272,61 +321,178 @@ class Joiner:
             self._thread.join(10)
 
     def known(self, prediction_id: str) -> bool:
-        """Whether the prediction is in the log (as of the last join, or written by this process since)."""
-        return prediction_id in self._ids or (self._predlog is not None and self._predlog.seen(prediction_id))
+        """Whether the prediction is in the window (as of the last round, or written by this process since)."""
+        return prediction_id in self._predictions or (self._predlog is not None and self._predlog.seen(prediction_id))
 
     def run_once(self) -> Snapshot:
+        started = time.perf_counter()
         with self._lock:
-            recent = self._predlog.pop_recent_ids() if self._predlog is not None else set()
+            if self._predlog is not None:
+                self._predlog.pop_recent_ids()  # written before this point: on disk, read below
             skipped: SkipList = {}
-            predictions = read_predictions(
-                self.log_dir, with_inputs=False, cache=self._cache, on_segment=self._add_ids, skipped=skipped
-            )
-            feedback = read_feedback(self.log_dir, skipped).to_pylist()
+            predictions, feedback = self._new_rows(skipped)
             for path in skipped.keys() - self.skipped.keys():
                 log.warning("prediction log: skipped unreadable file %s (%s)", path, skipped[path])
             self.skipped = skipped
-            if self.on_feedback is not None:
+            for row in predictions:
+                self._add_prediction(row)
+            if self.on_feedback is not None and feedback:
                 self.on_feedback(feedback)
-            joined = join(predictions, dedupe_feedback(feedback), unknown_after_s=self.unknown_after_s)
-            self._ids |= recent
-            self.snapshot = Snapshot(joined, quality(joined))
+            for row in sorted(feedback, key=order_key):
+                self._add_feedback(row)
+            self._evict(time.time())
+            self.snapshot = self._snapshot(time.time())
+            self.last_round_s = time.perf_counter() - started
             return self.snapshot
 
-    def _add_ids(self, path: Path, table: pa.Table) -> None:
-        # Only rows not seen before: a stream segment grows between joins, and its Parquet roll (same
-        # stem) holds the same rows; ids stay known after retention removes their segment.
-        stem = path.with_suffix("")
-        done = self._id_rows.get(stem, 0)
-        if table.num_rows > done:
-            self._ids.update(table["id"].slice(done).to_pylist())
-            self._id_rows[stem] = table.num_rows
+    # -- reading what is new --------------------------------------------------------------------------
+    def _new_rows(self, skipped: SkipList) -> tuple[list[Row], list[Row]]:
+        predictions: list[Row] = []
+        feedback: list[Row] = []
+        listed: set[SegmentKey] = set()
+        cutoff_us = (self._newest_us or int(time.time() * 1e6)) - int(self.window_s * 1e6)
+        for logfiles in self.logs:
+            for kind, out in ((PREDICTIONS, predictions), (FEEDBACK, feedback)):
+                for segment in logfiles.segments(kind, skipped=skipped):
+                    listed.add(segment.key)
+                    out.extend(self._read_new(logfiles, segment, cutoff_us, skipped))
+        for gone in set(self._done) - listed:  # removed by retention
+            self._done.pop(gone, None)
+            self._sizes.pop(gone, None)
+            self._complete.discard(gone)
+        return predictions, feedback
+
+    def _read_new(self, logfiles: LogFiles, segment: Segment, cutoff_us: int, skipped: SkipList) -> list[Row]:
+        key = segment.key
+        if key in self._complete or (not segment.rolled and self._sizes.get(key) == segment.size):
+            return []
+        if segment.rolled and key not in self._done:
+            newest = logfiles.newest_ts(segment)
+            if newest is not None and newest < cutoff_us:  # all of it before the window: never needed
+                self._complete.add(key)
+                return []
+        table = logfiles.read(segment, skipped)
+        if table is None:
+            return []
+        self.segments_read += 1
+        done = self._done.get(key, 0)
+        self._done[key] = table.num_rows
+        if segment.rolled:
+            self._complete.add(key)
+        else:
+            self._sizes[key] = segment.size
+        if table.num_rows <= done:
+            return []
+        if segment.kind == PREDICTIONS:  # the inputs are not needed for quality
+            table = table.select([n for n in table.column_names if not n.startswith(INPUT_PREFIX)])
+        rows: list[Row] = table.slice(done).to_pylist()
+        self.rows_read += len(rows)
+        return rows
+
+    # -- the join -------------------------------------------------------------------------------------
+    def _add_prediction(self, row: Row) -> None:
+        pid = row["id"]
+        self._newest_us = max(self._newest_us, _micros(row["ts"]))
+        current = self._predictions.pop(pid, None)
+        if current is not None:
+            if current.count == 1:
+                self._reused += 1
+            current.count += 1
+            if row["ts"] >= current.row["ts"]:  # a reused id: the latest prediction is the one joined
+                current.row = row
+            self._predictions[pid] = current
+        else:
+            self._predictions[pid] = _Prediction(row)
+        if pid in self._feedback.latest:
+            self._join(pid)
+
+    def _add_feedback(self, row: Row) -> None:
+        pid = row["prediction_id"]
+        if self._feedback.add(row) and self._feedback.latest[pid] is row:  # the prediction's truth changed
+            self._join(pid)
+
+    def _join(self, pid: str) -> None:
+        feedback = self._feedback.latest[pid]
+        prediction = self._predictions.get(pid)
+        self._unjoin(pid)
+        if prediction is None or not _matches(prediction.row, feedback):
+            self._pending[pid] = feedback["ts"].timestamp()
+            return
+        self._pending.pop(pid, None)
+        contribution = Quality()
+        contribution.add(prediction.row, feedback)
+        key = (prediction.row["model"], prediction.row["version"])
+        self._contributions[pid] = (key, contribution)
+        self._quality.setdefault(key, Quality()).merge(contribution, 1)
+
+    def _unjoin(self, pid: str) -> None:
+        old = self._contributions.pop(pid, None)
+        if old is not None:
+            key, contribution = old
+            self._quality[key].merge(contribution, -1)
+            if not self._quality[key].joined:
+                del self._quality[key]
+
+    def _evict(self, now: float) -> None:
+        cutoff_us = self._newest_us - int(self.window_s * 1e6)
+        while self._predictions:
+            pid, oldest = next(iter(self._predictions.items()))
+            if len(self._predictions) <= self.max_predictions and _micros(oldest.row["ts"]) >= cutoff_us:
+                break
+            del self._predictions[pid]
+            if oldest.count > 1:
+                self._reused -= 1
+            self._unjoin(pid)
+            self._feedback.forget(pid)
+            self._pending.pop(pid, None)
+        while self._pending:  # feedback that waited a whole window for its prediction
+            pid, stamp = next(iter(self._pending.items()))
+            if now - stamp < self.window_s and len(self._pending) <= self.max_predictions:
+                break
+            del self._pending[pid]
+            self._feedback.forget(pid)
+
+    def _snapshot(self, now: float) -> Snapshot:
+        pending: list[str] = []
+        unknown: list[str] = []
+        for pid, stamp in self._pending.items():
+            (unknown if now - stamp >= self.unknown_after_s else pending).append(pid)
+        quality = {key: dataclasses.replace(q) for key, q in self._quality.items()}
+        return Snapshot(
+            quality,
+            len(self._predictions),
+            len(self._contributions),
+            sorted(pending),
+            sorted(unknown),
+            self._feedback.duplicates,
+            self._reused,
+        )
 
     def report(self, model: str = "", max_unknown_ids: int = 0) -> fpb.FeedbackReportResponse:
-        """A fresh join, summarised for FeedbackReport (optionally one model's share of it)."""
+        """A fresh round, summarised for FeedbackReport (optionally one model's share of it)."""
         snap = self.run_once()
-        j = snap.joined
-        rows = [r for r in j.rows if not model or r[0]["model"] == model]
-        fb = j.feedback.latest
+        with self._lock:
+            fb = self._feedback.latest
 
-        def mine(ids: list[str]) -> list[str]:
-            return [i for i in ids if not model or fb[i]["model"] in ("", model)]
+            def mine(ids: list[str]) -> list[str]:
+                return [i for i in ids if not model or fb[i]["model"] in ("", model)]
 
-        unknown = mine(j.unknown)
-        predictions = j.predictions
-        if model:
-            table = read_predictions(self.log_dir, [model], with_inputs=False, cache=self._cache)
-            predictions = 0 if table is None else len(pc.unique(table["id"]))
-        return fpb.FeedbackReportResponse(
-            predictions=predictions,
-            feedback=j.feedback.distinct,
-            joined=len(rows),
-            pending=len(mine(j.pending)),
-            unknown=len(unknown),
-            unknown_ids=unknown[:max_unknown_ids],
-            reused_ids=j.reused,
-            unreadable_segments=len(self.skipped),
-        )
+            if model:
+                predictions = sum(p.row["model"] == model for p in self._predictions.values())
+                joined = sum(key[0] == model for key, _ in self._contributions.values())
+            else:
+                predictions, joined = snap.predictions, snap.joined
+            unknown = mine(snap.unknown)
+            return fpb.FeedbackReportResponse(
+                predictions=predictions,
+                feedback=self._feedback.distinct,
+                joined=joined,
+                pending=len(mine(snap.pending)),
+                unknown=len(unknown),
+                unknown_ids=unknown[:max_unknown_ids],
+                reused_ids=snap.reused,
+                unreadable_segments=len(self.skipped),
+            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -334,6 +500,16 @@ class Joiner:
                 self.run_once()
             except Exception:  # a bad segment must not stop the metrics: log and try again next round
                 log.exception("prediction log: join failed")
+
+
+SegmentKey = tuple[str, str | None, str, int]
+
+
+def _micros(ts: datetime) -> int:
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class QualityCollector(Collector):
@@ -347,7 +523,7 @@ class QualityCollector(Collector):
         labels = ["model", "version"]
         families = {
             "joined": GaugeMetricFamily(
-                "onnxgate_quality_joined_predictions", "Predictions with feedback (latest join)", labels=labels
+                "onnxgate_quality_joined_predictions", "Predictions of the quality window with feedback", labels=labels
             ),
             "accuracy": GaugeMetricFamily(
                 "onnxgate_quality_accuracy_ratio",
@@ -368,23 +544,39 @@ class QualityCollector(Collector):
         unknown = GaugeMetricFamily(
             "onnxgate_feedback_unknown", "Feedback whose prediction id was not found within the grace period"
         )
-        duplicates = GaugeMetricFamily("onnxgate_feedback_duplicates", "Duplicate feedback messages in the log")
+        duplicates = GaugeMetricFamily(
+            "onnxgate_feedback_duplicates", "Duplicate feedback messages the live join has met"
+        )
         reused = GaugeMetricFamily(
             "onnxgate_predlog_reused_prediction_ids", "Prediction ids that more than one logged prediction carries"
         )
         unreadable = GaugeMetricFamily(
             "onnxgate_predlog_unreadable_files", "Log files the latest join skipped because they could not be read"
         )
+        j = self._joiner
+        window = GaugeMetricFamily(
+            "onnxgate_predlog_join_window_predictions", "Predictions the live join holds (its quality window)"
+        )
+        work = [
+            CounterMetricFamily(
+                "onnxgate_predlog_join_segments_read", "Segments the live join read", value=j.segments_read
+            ),
+            CounterMetricFamily("onnxgate_predlog_join_rows_read", "New rows the live join read", value=j.rows_read),
+            GaugeMetricFamily(
+                "onnxgate_predlog_join_last_round_seconds", "Duration of the latest join round", value=j.last_round_s
+            ),
+        ]
         if snap is not None:
             for (model, version), q in sorted(snap.quality.items()):
                 for key, fam in families.items():
                     value = q.joined if key == "joined" else getattr(q, key)
                     if value is not None:
                         fam.add_metric([model, version], value)
-            pending.add_metric([], len(snap.joined.pending))
-            unknown.add_metric([], len(snap.joined.unknown))
-            duplicates.add_metric([], snap.joined.feedback.duplicates)
-            reused.add_metric([], snap.joined.reused)
+            pending.add_metric([], len(snap.pending))
+            unknown.add_metric([], len(snap.unknown))
+            duplicates.add_metric([], snap.duplicates)
+            reused.add_metric([], snap.reused)
+            window.add_metric([], snap.predictions)
             unreadable.add_metric([], len(self._joiner.skipped))
         yield from families.values()
-        yield from (pending, unknown, duplicates, reused, unreadable)
+        yield from (pending, unknown, duplicates, reused, unreadable, window, *work)

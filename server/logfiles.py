@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from onnxgate.server.segments import PARQUET_EXT, STREAM_EXT, SkipList, read_stream
+from onnxgate.server.segments import PARQUET_EXT, STREAM_EXT, SkipList, parquet_max_ts, read_stream
 
 _FILE = re.compile(r"^(?P<kind>[a-z]+)-(?P<seq>\d{8})\.(?P<ext>arrows|parquet)$")
 # object stores the log can be read from, by URI scheme (pyarrow's filesystems)
@@ -110,6 +110,17 @@ class LogFiles:
                 skipped[Path(segment.path)] = f"{type(error).__name__}: {error}"
             return None
         return table
+
+    def newest_ts(self, segment: Segment) -> int | None:
+        """The newest `ts` of a rolled segment (µs since the epoch) from its Parquet footer, without reading
+        its rows; None for an open segment or when the footer does not say (read it then)."""
+        if not segment.rolled:
+            return None
+        try:
+            with self.fs.open_input_file(segment.path) as f:
+                return parquet_max_ts(f)
+        except (pa.ArrowException, OSError):
+            return None  # the read will report what is wrong
 
     def _files(self, skipped: SkipList | None) -> list[tuple[str, int]]:
         if self.local:

@@ -91,6 +91,8 @@ class PredLogSettings:
     feedback_max_batch: int = 512
     join_interval_s: float = 5.0
     unknown_after_s: float = 300.0
+    quality_window_s: float = 3600.0
+    join_max_predictions: int = 500_000
     # an object store (s3://...) the rolled segments are uploaded to; log_dir is then the local write-ahead
     # directory (server/objectstore.py)
     store_uri: str | None = None
@@ -162,6 +164,8 @@ def predlog_settings(s: Settings) -> PredLogSettings:
         models=models,
         join_interval_s=s.predlog_join_interval_s,
         unknown_after_s=s.predlog_unknown_after_s,
+        quality_window_s=s.predlog_quality_window_s,
+        join_max_predictions=s.predlog_join_max_predictions,
     )
 
 
