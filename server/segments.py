@@ -163,6 +163,12 @@ def make_dirs(directory: Path) -> None:
         fsync_dir(d.parent)
 
 
+# The version of the table contract (docs/log-table.md) a rolled segment follows, in its Parquet key-value
+# metadata: 1 = the columns of today's prediction and feedback rows. Additive changes keep it.
+LOG_SCHEMA_VERSION_KEY = b"onnxgate.log_schema_version"
+LOG_SCHEMA_VERSION = b"1"
+
+
 def roll_to_parquet(stream_path: Path, table: pa.Table | None) -> Path | None:
     """Rewrite a stream segment as Parquet (atomically), then remove the stream file."""
     target: Path | None = None
@@ -170,7 +176,8 @@ def roll_to_parquet(stream_path: Path, table: pa.Table | None) -> Path | None:
         target = stream_path.with_suffix(PARQUET_EXT)
         tmp = stream_path.with_suffix(".parquet.tmp")
         try:
-            pq.write_table(table, tmp)
+            metadata = {**(table.schema.metadata or {}), LOG_SCHEMA_VERSION_KEY: LOG_SCHEMA_VERSION}
+            pq.write_table(table.replace_schema_metadata(metadata), tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
