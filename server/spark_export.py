@@ -3,6 +3,10 @@
     spark-submit --master yarn "$(python -c 'import onnxgate.server.spark_export as m; print(m.__file__)')" \\
         --log-dir s3://bucket/predlog --model iris [--version 3] [--since 2026-01-01] --out s3://bucket/iris
 
+(With the pip-installed PySpark as the local Spark: `export SPARK_HOME="$(python -c 'import pyspark, os;
+print(os.path.dirname(pyspark.__file__))')" PYSPARK_PYTHON="$(which python)"` first, or its
+spark-submit looks for Spark with the system python3; checked with `--master 'local[2]'`.)
+
 It writes exactly the rows and columns of the DuckDB path (server/logquery.py; the columns are listed in
 docs/log-table.md), as a directory of Parquet part files ordered by (predicted_at, prediction_id), from
 the same layout:
