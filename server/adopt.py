@@ -130,9 +130,9 @@ class Adopter:
             rolled = 0
             for directory in _dirs(replica_dir):
                 for kind in sorted({m["kind"] for p in _streams(directory) if (m := _STREAM.match(p.name))}):
-                    report = recover(directory, kind)
-                    rolled += len(report.rolled)
-            self.adopted += rolled
+                    n = len(recover(directory, kind).rolled)
+                    rolled += n
+                    self.adopted += n
             if rolled:
                 log.warning(
                     "prediction log: adopted %d segment(s) that dead replica %s left open: rolled to Parquet",

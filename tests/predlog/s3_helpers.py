@@ -8,6 +8,7 @@ itself talks to moto directly.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -135,14 +136,18 @@ class S3:
 
 
 @contextlib.contextmanager
-def running_s3(timeout: float = 30.0) -> Iterator[S3]:
+def running_s3(timeout: float = 30.0, *, authenticate: bool = False) -> Iterator[S3]:
     """moto on a free loopback port, the bucket made, a proxy in front; stopped when the generator ends.
-    The caller sets AWS_ENDPOINT_URL and CREDENTIALS in its own environment (reads straight from moto)."""
+    The caller sets AWS_ENDPOINT_URL and CREDENTIALS in its own environment (reads straight from moto).
+    `authenticate`: after making the bucket, moto checks credentials, and knows none (every key is refused)."""
+    # moto's count of requests served before it checks credentials: the bucket's HEAD and PUT
+    auth = {"INITIAL_NO_AUTH_ACTION_COUNT": "2"} if authenticate else {}
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **auth},
     )
     proxy: Proxy | None = None
     try:

@@ -131,7 +131,8 @@ def test_a_sigkill_while_the_store_is_down_loses_nothing_acknowledged(
     spawn_gateway: Callable[..., SpawnedGateway], s3: S3, tmp_path: Path
 ) -> None:
     repo, wal = argmax_repository(tmp_path / "repo"), tmp_path / "wal"
-    gw = _spawn(spawn_gateway, s3, repo, wal)  # a generated replica id: the restart is another replica
+    # a generated replica id: the restart is another replica; segments roll after 2 s (the last ones stay open)
+    gw = _spawn(spawn_gateway, s3, repo, wal, "--predlog-segment-max-age-s", "2")
     acked: list[str] = []
     answered: list[tuple[str, float]] = []
     c = Clients(gw.address)
@@ -152,7 +153,7 @@ def test_a_sigkill_while_the_store_is_down_loses_nothing_acknowledged(
     assert wait_for(lambda: _health(gw, STORE_HEALTH) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
     assert _health(gw, "") == health_pb2.HealthCheckResponse.SERVING  # serving goes on
     assert wait_for(lambda: _metrics(gw)["onnxgate_predlog_upload_pending_segments"] > 0, 10)
-    traffic(20, 5)  # and these stay in open segments (rolled after 1 s of age)
+    traffic(20, 5)  # and these stay in open segments (rolled after 2 s of age)
     time.sleep(0.3)  # flushed (50 ms window), not yet rolled
     gw.process.kill()
     killed_at = time.monotonic()
@@ -254,6 +255,30 @@ def test_an_unusable_store_stops_the_start_with_one_line(s3: S3, tmp_path: Path)
         assert done.returncode == 2 and len(lines) == 1 and expected in lines[0], done.stderr
         assert "SECRET" not in done.stderr
     assert not list(tmp_path.glob("s3:*")) and not list(Path.cwd().glob("s3:*"))  # no local folder named s3:
+
+
+def test_refused_credentials_stop_the_start_with_one_line(tmp_path: Path) -> None:
+    repo = argmax_repository(tmp_path / "repo")
+    with running_s3(authenticate=True) as server:
+        env = {**os.environ, **server.env, "AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "hush-hush"}
+        done = subprocess.run(
+            [
+                *SERVE,
+                "--model-repository",
+                str(repo),
+                "--predlog-dir",
+                server.uri,
+                "--predlog-local-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "refuses the credentials" in lines[0], done.stderr
+    assert "hush-hush" not in done.stderr
 
 
 def test_uris_are_shown_without_credentials() -> None:
