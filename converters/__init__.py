@@ -1,6 +1,7 @@
 """Models from every training ecosystem become validated ONNX versions of a model repository.
 
     convert(source, framework)        native file -> Conversion (converters.base)
+    convert_and_check(...)            convert -> parity check, nothing written
     convert_to_repository(...)        convert -> parity check -> publish the next version (or refuse)
 
 `CONVERTERS` maps each framework name to one function `(source, ConvertOptions) -> Conversion`;
@@ -17,7 +18,7 @@ import platform
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -26,18 +27,29 @@ from typing import Any
 import numpy as np
 
 from onnxgate.converters import graph, parity, publish, sample
-from onnxgate.converters.base import Conversion, ConversionError, Converter, ConvertOptions, MissingDependency
+from onnxgate.converters.base import (
+    Conversion,
+    ConversionError,
+    Converter,
+    ConvertOptions,
+    MissingDependency,
+    Rows,
+)
 
 __all__ = [
     "ALIASES",
     "CONVERTERS",
+    "Attached",
+    "Checked",
     "ConversionError",
     "ConvertOptions",
     "MissingDependency",
     "Outcome",
     "convert",
+    "convert_and_check",
     "convert_to_repository",
     "detect_framework",
+    "resolve_framework",
 ]
 
 
@@ -150,7 +162,8 @@ def detect_framework(source: str) -> str:
     return sniffed
 
 
-def _framework(name: str) -> str:
+def resolve_framework(name: str) -> str:
+    """The CONVERTERS key of a framework name or alias (`--framework`)."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in CONVERTERS:
         raise ConversionError(f"unknown framework {name!r}; supported: {', '.join(CONVERTERS)}")
@@ -160,7 +173,7 @@ def _framework(name: str) -> str:
 def convert(source: str | Path, framework: str | None = None, options: ConvertOptions | None = None) -> Conversion:
     """Convert one native model to ONNX with its serving signature (no parity check, nothing written)."""
     source = str(source)
-    key = _framework(framework) if framework else detect_framework(source)
+    key = resolve_framework(framework) if framework else detect_framework(source)
     if Path(source).is_file() and Path(source).stat().st_size == 0:
         raise ConversionError(f"{source!r} is empty")
     return CONVERTERS[key](source, options or ConvertOptions())
@@ -223,6 +236,71 @@ def _report(source: str, conversion: Conversion, check: parity.ParityReport) -> 
 Progress = Callable[[str], None]
 
 
+@dataclass
+class Attached:
+    """What a caller publishes with a conversion (the learning loop's training record, `learning/training.py`).
+
+    `files`: paths inside the version directory -> bytes, or a file or directory to copy; `sample`:
+    rows for the parity check when no sample file is given (the training data); `report`: entries
+    added to the conversion report.
+    """
+
+    files: dict[str, bytes | Path] = field(default_factory=dict)
+    sample: Rows | None = None
+    sample_origin: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Checked:
+    """A conversion that went through the parity check, ready to publish when `parity.passed`."""
+
+    conversion: Conversion
+    report: dict[str, Any]
+    parity: parity.ParityReport
+    files: dict[str, bytes | Path]
+
+
+def convert_and_check(
+    source: str | Path,
+    framework: str | None = None,
+    *,
+    sample_path: str | Path | None = None,
+    rows: int = sample.DEFAULT_ROWS,
+    tolerance: parity.Tolerance | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    attach: Callable[[Conversion], Attached] | None = None,
+) -> Checked:
+    """Convert and check parity, writing nothing: the first half of `convert_to_repository`.
+
+    `attach` sees the conversion before the parity check (it may refuse it with a ConversionError)
+    and returns what is published with it. Parity rows: `sample_path`, else the attached sample,
+    else rows generated from the signature.
+    """
+    say = progress or (lambda _stage: None)
+    source = str(source)
+    options = ConvertOptions(sample_path=str(sample_path) if sample_path else None, input_shape=input_shape)
+    say("convert: loading and converting the model")
+    conversion = convert(source, framework, options)
+    attached = attach(conversion) if attach is not None else Attached()
+    say("parity: running the original model and onnxruntime on sample rows")
+    if sample_path:
+        sample_rows = sample.read_file(sample_path, conversion.inputs, conversion.input_columns)
+        origin = f"user file {Path(sample_path).name}"
+    elif attached.sample is not None:
+        sample_rows, origin = attached.sample, attached.sample_origin
+    else:
+        sample_rows = sample.from_signature(conversion, rows, np.random.default_rng(seed))
+        origin = f"generated from the model's signature (seed {seed})"
+    sample.row_count(sample_rows)
+    check = parity.check(conversion, sample_rows, origin, tolerance)
+    report = _report(source, conversion, check)
+    report.update(attached.report)
+    return Checked(conversion, report, check, attached.files)
+
+
 def convert_to_repository(
     source: str | Path,
     repository: str | Path,
@@ -235,32 +313,31 @@ def convert_to_repository(
     input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    attach: Callable[[Conversion], Attached] | None = None,
 ) -> Outcome:
     """Convert, check parity, and publish the next version of `name` - or refuse and publish nothing.
 
     Raises ConversionError when the model cannot be converted at all; a parity failure is not an
     exception but an Outcome with `published` None and the report saying where values differ.
+    `attach` adds files to the version (see `Attached`).
     """
     say = progress or (lambda _stage: None)
-    source = str(source)
-    options = ConvertOptions(sample_path=str(sample_path) if sample_path else None, input_shape=input_shape)
-    say("convert: loading and converting the model")
-    conversion = convert(source, framework, options)
-    say("parity: running the original model and onnxruntime on sample rows")
-    if sample_path:
-        sample_rows = sample.read_file(sample_path, conversion.inputs, conversion.input_columns)
-        origin = f"user file {Path(sample_path).name}"
-    else:
-        sample_rows = sample.from_signature(conversion, rows, np.random.default_rng(seed))
-        origin = f"generated from the model's signature (seed {seed})"
-    sample.row_count(sample_rows)
-    check = parity.check(conversion, sample_rows, origin, tolerance)
-    report = _report(source, conversion, check)
-    if not check.passed:
-        return Outcome(None, report, check)
+    checked = convert_and_check(
+        source,
+        framework,
+        sample_path=sample_path,
+        rows=rows,
+        tolerance=tolerance,
+        input_shape=input_shape,
+        seed=seed,
+        progress=progress,
+        attach=attach,
+    )
+    if not checked.parity.passed:
+        return Outcome(None, checked.report, checked.parity)
     say("publish: writing the version directory")
-    directory = publish.publish(repository, name, conversion, report)
-    return Outcome(directory, report, check)
+    directory = publish.publish(repository, name, checked.conversion, checked.report, checked.files)
+    return Outcome(directory, checked.report, checked.parity)
 
 
 def report_json(outcome: Outcome) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from onnxgate import converters
 from onnxgate.converters import parity, sample
+from onnxgate.converters.base import Conversion
 
 EXIT_PUBLISHED = 0
 EXIT_REFUSED = 1
@@ -45,6 +47,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input-shape", type=_shape, help="one row's shape for PyTorch sources, e.g. 3,32,32")
     parser.add_argument("--report", type=Path, help="also write the conversion report (JSON) here")
+    parser.add_argument(
+        "--recipe",
+        help="keep a training record so the learning loop can retrain the model: sklearn, xgboost, lightgbm,"
+        " catboost, r, or python:module:function (needs --training-data)",
+    )
+    parser.add_argument(
+        "--training-data",
+        type=Path,
+        help="the base training data (.csv with a header, or .parquet), copied into the version as Parquet;"
+        " also the parity sample when no --sample is given",
+    )
+    parser.add_argument(
+        "--target", help="the target column of --training-data (default: the one column the model does not read)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -63,9 +79,29 @@ class _Progress:
         self.last = now
 
 
+def _recorder(args: argparse.Namespace) -> Callable[[Conversion], converters.Attached] | None:
+    """The training record's builder for --recipe/--training-data (learning/training.py), or None."""
+    recipe, data, target = (
+        getattr(args, "recipe", None),
+        getattr(args, "training_data", None),
+        getattr(args, "target", None),
+    )
+    if recipe is None and data is None and target is None:
+        return None
+    if recipe is None or data is None:
+        raise converters.ConversionError("--recipe and --training-data go together (and --target with them)")
+    from onnxgate.learning.training import Recorder
+
+    framework = (
+        converters.resolve_framework(args.framework) if args.framework else converters.detect_framework(args.source)
+    )
+    return Recorder(args.source, framework, recipe, data, target, rows=args.rows, seed=args.seed).attach
+
+
 def run(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     try:
+        attach = _recorder(args)
         outcome = converters.convert_to_repository(
             args.source,
             args.model_repository,
@@ -77,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             input_shape=args.input_shape,
             seed=args.seed,
             progress=progress,
+            attach=attach,
         )
     except converters.ConversionError as error:
         print(f"onnxgate convert: {error}", file=sys.stderr)

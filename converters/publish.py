@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,38 @@ def signature(specs: list[TensorSpec]) -> list[dict[str, Any]]:
     return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
 
 
-def publish(repository: str | Path, name: str, conversion: Conversion, report: dict[str, Any]) -> Path:
+def _write_extra(staging: Path, extra: Mapping[str, bytes | Path]) -> None:
+    """Files beside the model (e.g. `training/recipe.json`): bytes written, files and directories copied."""
+    for relative, content in extra.items():
+        target = staging / relative
+        if (
+            Path(relative).is_absolute()
+            or ".." in Path(relative).parts
+            or relative in (MODEL_FILE, CONFIG_FILE, REPORT_FILE, LABELS_FILE)
+        ):
+            raise ConversionError(f"extra file {relative!r} must be a new relative path inside the version")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            _write(target, content)
+        elif content.is_dir():
+            shutil.copytree(content, target)
+        else:
+            _write(target, content.read_bytes())  # read whole: model files and base data fit in memory
+        _fsync_dir(target.parent)
+
+
+def publish(
+    repository: str | Path,
+    name: str,
+    conversion: Conversion,
+    report: dict[str, Any],
+    extra: Mapping[str, bytes | Path] | None = None,
+) -> Path:
     """Write `conversion` as the next version of model `name`; returns the version directory.
 
     `report` is stored as report.json and in the config's parameters; its "version" is set here.
+    `extra` maps paths inside the version to bytes or files to copy; they are in place before the
+    rename, so a version appears with them or not at all.
     """
     if not _NAME.match(name):
         raise ConversionError(f"model name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.'")
@@ -105,6 +134,7 @@ def publish(repository: str | Path, name: str, conversion: Conversion, report: d
     staging.mkdir()
     try:
         _write(staging / MODEL_FILE, conversion.model.SerializeToString())
+        _write_extra(staging, extra or {})
         if conversion.labels:
             _write(staging / LABELS_FILE, "".join(f"{label}\n" for label in conversion.labels).encode())
         for _ in range(_RENAME_ATTEMPTS):

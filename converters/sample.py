@@ -205,23 +205,34 @@ def _from_table(table: Table, inputs: list[TensorSpec], input_columns: list[str]
     if repeated:
         raise ConversionError(f"sample file {path.name!r} repeats the column names {repeated}")
     by_name = dict(zip(names, columns, strict=True))
-    if len(inputs) == 1 and inputs[0].name not in by_name:
-        spec = inputs[0]
-        if not input_columns:  # the model does not know its columns' names: the file's columns, in order
-            return _by_position(columns, inputs, path, "the model does not name its columns")
-        return {spec.name: _shaped(_pick(by_name, input_columns, path), spec)}
-    return {s.name: _shaped(_pick(by_name, [s.name], path), s) for s in inputs}
+    wanted = columns_by_input(names, inputs, input_columns, f"sample file {path.name!r}")
+    if wanted is None:  # the model does not know its columns' names: the file's columns, in order
+        return _by_position(columns, inputs, path, "the model does not name its columns")
+    return {s.name: _shaped([by_name[c] for c in wanted[s.name]], s) for s in inputs}
 
 
-def _pick(by_name: dict[str, np.ndarray], wanted: list[str], path: Path) -> list[np.ndarray]:
-    """The columns named `wanted`; columns the model does not read are left out (e.g. the target)."""
-    missing = [name for name in wanted if name not in by_name]
+def columns_by_input(
+    names: list[str], inputs: list[TensorSpec], input_columns: list[str] | None, what: str
+) -> dict[str, list[str]] | None:
+    """The named columns of a table each input takes, in order; None when they can only go by position.
+
+    An input named like a column takes that column; a single matrix input takes `input_columns` (the
+    names the model knows). Columns the model does not read are left out (an id, the target). The
+    learning loop's training record maps training data to inputs with the same rule.
+    """
+    if len(inputs) == 1 and inputs[0].name not in names:
+        if not input_columns:
+            return None
+        wanted = {inputs[0].name: list(input_columns)}
+    else:
+        wanted = {s.name: [s.name] for s in inputs}
+    missing = [name for want in wanted.values() for name in want if name not in names]
     if missing:
         raise ConversionError(
-            f"sample file {path.name!r} lacks columns the model reads: {missing} (the file has {list(by_name)});"
+            f"{what} lacks columns the model reads: {missing} (the file has {names});"
             " name them as the model does, or give a file without a header to match columns by position"
         )
-    return [by_name[name] for name in wanted]
+    return wanted
 
 
 def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path, why: str) -> Rows:
