@@ -25,6 +25,8 @@ from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.join import Joiner, QualityCollector
+from onnxgate.server.logfiles import LogFiles
+from onnxgate.server.logquery import Report, report
 from onnxgate.server.metrics import GatewayCollector, serve_metrics
 from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, log_readers, open_uploader
 from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
@@ -73,7 +75,7 @@ class Gateway:
         self.replica_lock: ReplicaLock | None = None
         self.uploader: Uploader | None = None
         self.adopter: Adopter | None = None
-        predlog_settings = settings.predlog()
+        predlog_settings = self.predlog_settings = settings.predlog()
         if predlog_settings is not None:
             # before anything reads or recovers the replica directory: one writing process per directory
             try:
@@ -145,7 +147,7 @@ class Gateway:
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.feedback is not None and self.joiner is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(  # type: ignore[no-untyped-call]
-                FeedbackServicer(self.feedback, self.joiner.report), self.server
+                FeedbackServicer(self.feedback, self._report), self.server
             )
             services.append(FEEDBACK_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -205,6 +207,21 @@ class Gateway:
                 await asyncio.to_thread(closable.close)
         if self.replica_lock is not None:  # last: every segment is rolled and closed
             self.replica_lock.release()
+
+    def _report(self, model: str, max_ids: int) -> Report:
+        """FeedbackReport: exact counts over the log's files, where every reader reads them (the local
+        directory, or the object store), with DuckDB held to a small share of the serving process."""
+        assert self.predlog_settings is not None
+        s = self.predlog_settings
+        location = s.store_uri or s.log_dir
+        return report(
+            LogFiles.at(location),
+            model,
+            unknown_after_s=s.unknown_after_s,
+            max_ids=max_ids,
+            memory_limit="256MB",
+            threads=1,
+        )
 
     async def _watch_log_health(self, period_s: float = 1.0) -> None:
         """Mirror the log writers' health into the gRPC health service (the writers run on threads)."""

@@ -169,7 +169,7 @@ def export(
 def arrow_report(
     log_dir: Path, model: str = "", *, unknown_after_s: float, now: float | None = None
 ) -> logquery.Report:
-    """logquery.report computed by the pure-pyarrow path (the reference; Joiner.report's semantics)."""
+    """logquery.report computed by the pure-pyarrow path (the reference; FeedbackReport's semantics)."""
     skipped: SkipList = {}
     view = dedupe_feedback(read_feedback(log_dir, skipped))
     predictions = read_predictions(log_dir, with_inputs=False, skipped=skipped)

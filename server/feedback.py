@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,9 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.predlog import PredLogSettings
 from onnxgate.server.segments import IOHealth, SegmentWriter, SkipList, read_segments
 from onnxgate.server.service import Context, grpc_errors
+
+if TYPE_CHECKING:  # logquery reads feedback files with this module's schema
+    from onnxgate.server.logquery import Report
 
 log = logging.getLogger(__name__)
 
@@ -448,14 +452,15 @@ def _index_row(record: FeedbackRecord, replica: str) -> Row:
 
 
 class FeedbackServicer(fpb_grpc.FeedbackServicer):
-    """onnxgate.v1.Feedback on grpc.aio; `report` answers FeedbackReport (the joiner's view).
+    """onnxgate.v1.Feedback on grpc.aio; `report` answers FeedbackReport: exact counts over the log's
+    files (server/logquery.py, the same as `onnxgate dataset report`).
 
     Errors go through service.grpc_errors like every RPC: InvalidArgument for bad feedback,
     ResourceExhausted for a full feedback queue, UNAVAILABLE (logged) when it could not be stored (a
     full disk, an fsync error): nothing of it is stored, a retry is safe.
     """
 
-    def __init__(self, store: FeedbackStore, report: Callable[[str, int], fpb.FeedbackReportResponse]) -> None:
+    def __init__(self, store: FeedbackStore, report: Callable[[str, int], Report]) -> None:
         self._store = store
         self._report = report
 
@@ -495,7 +500,17 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
     @grpc_errors
     async def FeedbackReport(self, request: fpb.FeedbackReportRequest, context: Context) -> fpb.FeedbackReportResponse:
         # The report joins the whole log: run it off the event loop.
-        return await asyncio.to_thread(self._report, request.model_name, request.max_unknown_ids)
+        r = await asyncio.to_thread(self._report, request.model_name, request.max_unknown_ids)
+        return fpb.FeedbackReportResponse(
+            predictions=r.predictions,
+            feedback=r.feedback,
+            joined=r.joined,
+            pending=r.pending,
+            unknown=r.unknown,
+            unknown_ids=r.unknown_ids,
+            reused_ids=r.reused_ids,
+            unreadable_segments=len(r.unreadable),
+        )
 
 
 def truth_tensors_from_arrays(arrays: dict[str, np.ndarray]) -> list[fpb.TruthTensor]:

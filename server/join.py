@@ -36,7 +36,6 @@ from prometheus_client.registry import Collector
 from onnxgate.server.feedback import FEEDBACK
 from onnxgate.server.feedback_order import FeedbackIndex, Row, order_key
 from onnxgate.server.logfiles import LogFiles, Segment
-from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
 from onnxgate.server.segments import PARQUET_EXT, SkipList, read_segment, segment_paths
 
@@ -467,32 +466,6 @@ class Joiner:
             self._feedback.duplicates,
             self._reused,
         )
-
-    def report(self, model: str = "", max_unknown_ids: int = 0) -> fpb.FeedbackReportResponse:
-        """A fresh round, summarised for FeedbackReport (optionally one model's share of it)."""
-        snap = self.run_once()
-        with self._lock:
-            fb = self._feedback.latest
-
-            def mine(ids: list[str]) -> list[str]:
-                return [i for i in ids if not model or fb[i]["model"] in ("", model)]
-
-            if model:
-                predictions = sum(p.row["model"] == model for p in self._predictions.values())
-                joined = sum(key[0] == model for key, _ in self._contributions.values())
-            else:
-                predictions, joined = snap.predictions, snap.joined
-            unknown = mine(snap.unknown)
-            return fpb.FeedbackReportResponse(
-                predictions=predictions,
-                feedback=self._feedback.distinct,
-                joined=joined,
-                pending=len(mine(snap.pending)),
-                unknown=len(unknown),
-                unknown_ids=unknown[:max_unknown_ids],
-                reused_ids=snap.reused,
-                unreadable_segments=len(self.skipped),
-            )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -148,7 +148,8 @@ def _walk_local(root: str, skipped: SkipList | None) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
 
     def unreadable(error: OSError) -> None:  # e.g. another replica's directory this process may not list
-        if skipped is not None and error.filename:
+        # a log not written yet, or a directory removed while walking: nothing to read, nothing wrong
+        if skipped is not None and error.filename and not isinstance(error, FileNotFoundError):
             skipped[Path(error.filename)] = f"{type(error).__name__}: {error}"
 
     for directory, _, files in os.walk(root, onerror=unreadable):

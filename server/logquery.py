@@ -201,7 +201,7 @@ def report(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int = DEFAULT_THREADS,
 ) -> Report:
-    """Counts of the join over every replica's files, exact (Joiner.report's semantics: with a model,
+    """Counts of the join over every replica's files, exact (FeedbackReport's semantics: with a model,
     its predictions, its joined rows, and the pending/unknown feedback naming it or no model; feedback,
     duplicates, reused ids and unreadable files are the whole log's)."""
     now = time.time() if now is None else now

@@ -497,9 +497,9 @@ class SegmentWriter:
         return self._max_ts[path]
 
 
-def parquet_max_ts(path: Path) -> int | None:
+def parquet_max_ts(source: Path | pa.NativeFile) -> int | None:
     """The newest `ts` of a Parquet segment (µs since the epoch), from its footer's statistics."""
-    metadata = pq.ParquetFile(path).metadata
+    metadata = pq.ParquetFile(source).metadata
     newest: int | None = None
     for i in range(metadata.num_row_groups):
         group = metadata.row_group(i)
