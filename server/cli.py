@@ -37,27 +37,38 @@ def main(argv: list[str] | None = None) -> int:
             serve.add_argument(flag, action="append", help=help_text)
         else:
             serve.add_argument(flag, help=help_text)
-    _add_optional(sub, "convert", "onnxgate.converters.cli", "convert a model to ONNX, check parity, publish a version")
-    _add_optional(sub, "dataset", "onnxgate.server.dataset", "export joined predictions and feedback")
+    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        _add_subcommand(sub, name, module, help_text, configure=name == chosen)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(vars(args))
     return int(args.run(args))
 
 
-def _add_optional(sub: Any, name: str, module: str, help_text: str) -> None:
-    """Subcommands whose modules are optional parts (they bring heavier dependencies)."""
+# the other commands, each in its own module: only the one that runs is imported (`serve` never loads
+# the converters' or the learning loop's libraries)
+SUBCOMMANDS = {
+    "convert": ("onnxgate.converters.cli", "convert a model to ONNX, check parity, publish a version"),
+    "dataset": ("onnxgate.server.dataset", "export joined predictions and feedback"),
+    "retrain": ("onnxgate.learning.retrain", "retrain a model from its feedback; promote only if significantly better"),
+    "learn": ("onnxgate.learning.learn", "keep retraining models when labels, quality or drift say so"),
+    "models": ("onnxgate.learning.models", "show a model's versions, lineage, decisions and drift"),
+    "demo": ("onnxgate.learning.demo", "run the learning loop on this machine: `onnxgate demo drift`"),
+}
+
+
+def _add_subcommand(sub: Any, name: str, module: str, help_text: str, *, configure: bool) -> None:
+    parser = sub.add_parser(name, help=help_text)
+    if not configure:
+        return
     import importlib
 
     try:
         mod = importlib.import_module(module)
-    except ImportError:
-        return
-    configure = getattr(mod, "configure_parser", None)
-    if configure is None:
-        return
-    parser = sub.add_parser(name, help=help_text)
-    configure(parser)
+    except ImportError as e:  # an optional part of onnxgate whose libraries are not installed
+        parser.error(f"{e}; install the extra this command needs (see README: `pip install 'onnxgate[...]'`)")
+    mod.configure_parser(parser)
     parser.set_defaults(run=mod.run)
 
 

@@ -23,6 +23,7 @@ from onnxgate.server.tensors import BY_CONFIG_ENUM, DATATYPES
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
+MODEL_CARD_FILE = "model_card.json"  # written by the learning loop (learning/decisions.py)
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -147,6 +148,9 @@ def build_spec(
             config.dynamic_batching.CopyFrom(version_config.dynamic_batching)
         for key, value in version_config.parameters.items():
             config.parameters[key].CopyFrom(value)
+    card = version_dir / MODEL_CARD_FILE
+    if card.is_file():  # a version the learning loop published: its lineage, in ModelConfig's parameters
+        config.parameters["model_card"].string_value = card.read_text(encoding="utf-8", errors="replace")
     config.name = name
     if config.platform and config.platform != PLATFORM:
         raise ConfigError(f"model {name!r}: platform {config.platform!r} is not served; onnxgate serves {PLATFORM!r}")

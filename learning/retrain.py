@@ -1,0 +1,258 @@
+"""`onnxgate retrain NAME`: one retrain of a served model from its own traffic, and one decision.
+
+    labelled rows (the log's join) -> time split: train | validation | test (the newest)
+      -> a challenger per candidate window (base + feedback, feedback only, recency-weighted), trained by
+         the model's recipe in its own ecosystem, converted with the parity check
+      -> the best on the validation slice, trained again on train + validation
+      -> champion and challenger scored with onnxruntime on their ONNX files on the test slice
+      -> promoted only when better by the margin AND significantly so (learning/stats.py); else nothing
+    every run: a decision appended to <model>/decisions.jsonl and printed
+
+Nothing is written into the repository until the decision is to promote: challengers are trained and
+converted in a temporary directory, and the new version is written aside and renamed into place, so a
+crash at any point leaves the repository as it was. Exit code: 0 for any decision, 1 when it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxgate.converters.publish import versions
+from onnxgate.learning import decisions
+from onnxgate.learning.data import Labelled, NotEnoughData, candidate_windows, concat, feedback_rows, time_split
+from onnxgate.learning.decisions import FAILED, MODEL_CARD_FILE, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
+from onnxgate.learning.evaluate import CLASSIFICATION, compare, predict, same_label
+from onnxgate.learning.recipes import convert_checked, publish_version, retrain_native
+from onnxgate.learning.stats import decide
+from onnxgate.learning.training import RecipeError, TrainingRecord
+from onnxgate.server.logfiles import LogFiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a challenger is promoted (and how it is trained)."""
+
+    margin: float = 0.0  # the challenger's metric must beat the champion's by at least this
+    alpha: float = 0.05  # ... and the one-sided p-value of the paired test must be below this
+    min_rows: int = 100  # labelled rows needed at all (train + validation + test)
+    test_fraction: float = 0.25
+    validation_fraction: float = 0.25
+    mode: str = "refit"  # or "continue" (boosters: more trees on the served model)
+    seed: int = 0
+
+
+def champion_version(model_dir: Path) -> str:
+    """The version a retrain starts from and is measured against: the newest with a training record."""
+    for version in reversed(versions(model_dir)):
+        if TrainingRecord.exists(model_dir / str(version)):
+            return str(version)
+    raise RecipeError(
+        f"no version of {model_dir.name} keeps a training record: convert it with "
+        "`onnxgate convert ... --recipe RECIPE --training-data FILE` first"
+    )
+
+
+def retrain(repository: Path, name: str, log_location: str | Path, rule: Rule, *, trigger: str = "manual") -> Decision:
+    """One retrain; the decision is appended to the model's decision log before it is returned."""
+    started = time.monotonic()
+    model_dir = repository / name
+    try:
+        decision = _run(model_dir, name, LogFiles.at(log_location), rule)
+    except NotEnoughData as e:
+        decision = Decision(name, NOT_ENOUGH_DATA, str(e))
+    except (RecipeError, OSError, ValueError) as e:
+        log.exception("retrain of %s failed", name)
+        decision = Decision(name, FAILED, f"{type(e).__name__}: {e}")
+    decision.trigger = trigger
+    decision.seconds = round(time.monotonic() - started, 3)
+    decisions.append(model_dir, decision)
+    return decision
+
+
+def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision:
+    champion = champion_version(model_dir)
+    record = TrainingRecord.load(model_dir / champion)
+    labelled = feedback_rows(logfiles, name, record)
+    split = time_split(
+        labelled, test_fraction=rule.test_fraction, validation_fraction=rule.validation_fraction, min_rows=rule.min_rows
+    )
+    rows = {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)}
+    with tempfile.TemporaryDirectory(prefix=f"onnxgate-retrain-{name}-") as tmp:
+        work = Path(tmp)
+        candidates = [
+            _candidate(record, window, split.validation, work / f"w{i}", rule)
+            for i, window in enumerate(candidate_windows(record, split.train))
+        ]
+        usable = [c for c in candidates if c["score"] is not None]
+        if not usable:
+            return Decision(
+                name,
+                FAILED,
+                "no candidate window gave a model that passed the parity check",
+                champion,
+                candidates=candidates,
+                rows=rows,
+            )
+        best = max(usable, key=lambda c: c["score"])
+        # the chosen window again, on every row before the test slice
+        final_window = next(
+            w for w in candidate_windows(record, concat(split.train, split.validation)) if w.name == best["window"]
+        )
+        native = retrain_native(
+            record,
+            final_window.X,
+            final_window.y,
+            workdir=work / "final",
+            mode=rule.mode,
+            sample_weight=final_window.weight,
+            seed=rule.seed,
+        )
+        conversion, report, passed = convert_checked(native, record, split.test.X)
+        if not passed:
+            return Decision(
+                name,
+                FAILED,
+                "the challenger failed the parity check against its native model",
+                champion,
+                window=best["window"],
+                candidates=candidates,
+                rows=rows,
+            )
+        test = _paired(record, model_dir / champion, conversion.model.SerializeToString(), split.test, rule)
+        # min_rows was enforced on all labelled rows (time_split); the test slice is a share of them
+        verdict = decide(test, margin=rule.margin, alpha=rule.alpha, min_rows=1)
+        if verdict.outcome != "promote":
+            return Decision(
+                name,
+                REJECTED,
+                verdict.reason,
+                champion,
+                window=best["window"],
+                test=test.as_dict(),
+                candidates=candidates,
+                rows=rows,
+            )
+        card = {
+            "parent_version": champion,
+            "recipe": record.recipe,
+            "mode": rule.mode,
+            "hyperparameters": record.hyperparameters,
+            "base_data_sha256": record.base_sha256,
+            "window": best["window"],
+            "rows": {**rows, "window_feedback": final_window.feedback_rows, "window_base": final_window.base_rows},
+            "feedback_from": str(split.train.at.min()) if len(split.train) else None,
+            "feedback_to": str(split.validation.at.max()) if len(split.validation) else None,
+            "evaluation": test.as_dict(),
+            "rule": {"margin": rule.margin, "alpha": rule.alpha, "min_rows": rule.min_rows},
+            "parity": {k: report.get(k) for k in ("passed", "rows", "max_abs_diff", "label_agreement") if k in report},
+            "decision": PROMOTED,
+            "reason": verdict.reason,
+            "at": time.time(),
+        }
+        card_json = json.dumps(card, indent=1, sort_keys=True, default=str).encode()
+        directory = publish_version(
+            model_dir.parent, name, conversion, report, native, record, {MODEL_CARD_FILE: card_json}
+        )
+    return Decision(
+        name,
+        PROMOTED,
+        verdict.reason,
+        champion,
+        version=directory.name,
+        window=best["window"],
+        test=test.as_dict(),
+        candidates=candidates,
+        rows=rows,
+    )
+
+
+def _candidate(record: TrainingRecord, window: Any, validation: Labelled, work: Path, rule: Rule) -> dict[str, Any]:
+    """Train, convert and score one window on the validation slice (higher score is better)."""
+    result: dict[str, Any] = {"window": window.name, "rows": len(window.y), "score": None}
+    try:
+        native = retrain_native(
+            record, window.X, window.y, workdir=work, mode=rule.mode, sample_weight=window.weight, seed=rule.seed
+        )
+        conversion, _, passed = convert_checked(native, record, validation.X)
+    except RecipeError as e:
+        result["error"] = str(e)
+        return result
+    if not passed:
+        result["error"] = "parity check failed"
+        return result
+    predicted = predict(conversion.model.SerializeToString(), record.inputs_from_features(validation.X))
+    if record.task == CLASSIFICATION:
+        result["score"] = float(np.mean(same_label(predicted, validation.y.to_numpy())))
+        result["metric"] = "accuracy"
+    else:
+        result["score"] = -float(np.mean((predicted.astype(np.float64) - validation.y.to_numpy(np.float64)) ** 2))
+        result["metric"] = "-mse"
+    return result
+
+
+def _paired(record: TrainingRecord, champion_dir: Path, challenger: bytes, test: Labelled, rule: Rule) -> Any:
+    inputs = record.inputs_from_features(test.X)
+    champion_pred = predict(champion_dir / "model.onnx", inputs)
+    challenger_pred = predict(challenger, inputs)
+    return compare(record.task, champion_pred, challenger_pred, test.y.to_numpy(), seed=rule.seed)
+
+
+# -- the command ------------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the model to retrain")
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--predlog-dir", required=True, help="the prediction log: a directory or an object-store URI")
+    add_rule_arguments(parser)
+    parser.add_argument("--gateway", help="host:port of a gateway in explicit mode: told to load a promoted version")
+    parser.add_argument("--json", action="store_true", help="print the decision as JSON instead of a table")
+
+
+def add_rule_arguments(parser: argparse.ArgumentParser) -> None:
+    default = Rule()
+    parser.add_argument("--margin", type=float, default=default.margin, help="least improvement to promote")
+    parser.add_argument("--alpha", type=float, default=default.alpha, help="significance level of the paired test")
+    parser.add_argument("--min-rows", type=int, default=default.min_rows, help="labelled rows needed to retrain")
+    parser.add_argument("--test-fraction", type=float, default=default.test_fraction)
+    parser.add_argument("--validation-fraction", type=float, default=default.validation_fraction)
+    parser.add_argument("--mode", choices=("refit", "continue"), default=default.mode)
+    parser.add_argument("--seed", type=int, default=default.seed)
+
+
+def rule_from(args: argparse.Namespace) -> Rule:
+    return Rule(
+        args.margin, args.alpha, args.min_rows, args.test_fraction, args.validation_fraction, args.mode, args.seed
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    decision = retrain(args.model_repository, args.name, args.predlog_dir, rule_from(args))
+    if decision.outcome == PROMOTED and args.gateway:
+        tell_gateway(args.gateway, args.name)
+    if args.json:
+        print(json.dumps(decision.to_json(), default=str))
+    else:
+        print(decisions.table([decision.to_json()]))
+    return 1 if decision.outcome == FAILED else 0
+
+
+def tell_gateway(address: str, name: str) -> None:
+    """An explicit-mode gateway loads what it is told to: RepositoryModelLoad after a promotion."""
+    from onnxgate.client import Client, OnnxgateError
+
+    try:
+        with Client(address, timeout=60) as client:
+            client.load_model(name)
+    except OnnxgateError as e:
+        print(f"onnxgate retrain: promoted, but the gateway at {address} did not load it: {e}", file=sys.stderr)
