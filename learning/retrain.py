@@ -156,7 +156,9 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
             "feedback_to": str(split.validation.at.max()) if len(split.validation) else None,
             "evaluation": test.as_dict(),
             "rule": {"margin": rule.margin, "alpha": rule.alpha, "min_rows": rule.min_rows},
-            "parity": {k: report.get(k) for k in ("passed", "rows", "max_abs_diff", "label_agreement") if k in report},
+            "parity": {
+                k: v for k, v in report.get("parity", {}).items() if k in ("passed", "rows", "sample", "tolerance")
+            },
             "decision": PROMOTED,
             "reason": verdict.reason,
             "at": time.time(),
