@@ -35,7 +35,7 @@ def test_strict_schema_validation(manifests: list[dict[str, object]], tmp_path: 
 def test_probes_and_args_match_the_gateway(manifests: list[dict[str, object]]) -> None:
     from onnxgate.server.config import load_settings
 
-    deployment = next(d for d in manifests if d["kind"] == "Deployment")
+    deployment = next(d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "onnxgate")  # type: ignore[index]
     container = deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]
     args = container["args"]
     assert args[0] == "serve"
@@ -52,6 +52,54 @@ def test_probes_and_args_match_the_gateway(manifests: list[dict[str, object]]) -
         assert container[probe]["grpc"]["port"] == grpc_port
     termination = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]  # type: ignore[index]
     assert termination > settings.shutdown_grace_s
+
+
+def test_the_learning_loop_and_retrain_job_run_real_commands(manifests: list[dict[str, object]]) -> None:
+    """The learn Deployment and the retrain CronJob call `onnxgate learn` / `retrain` with flags that parse,
+    write the model repository the gateways read, and read the prediction log they write."""
+    import argparse
+    import importlib
+
+    from onnxgate.server.cli import SUBCOMMANDS
+
+    gateway = next(d for d in manifests if d["kind"] == "Deployment" and d["metadata"]["name"] == "onnxgate")  # type: ignore[index]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in gateway["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }  # type: ignore[index]
+    jobs = [
+        d["spec"]["template"]["spec"]
+        for d in manifests
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "onnxgate-learn"
+    ]  # type: ignore[index]
+    jobs += [d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for d in manifests if d["kind"] == "CronJob"]  # type: ignore[index]
+    assert len(jobs) == 2
+    for spec in jobs:
+        container = spec["containers"][0]  # type: ignore[index]
+        command, *args = container["args"]
+        parser = argparse.ArgumentParser()
+        importlib.import_module(SUBCOMMANDS[command][0]).configure_parser(parser)
+        parsed = parser.parse_args(args)  # the flags exist and parse
+        assert str(parsed.model_repository) == "/models" and parsed.predlog_dir == "/predlog"
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert not mounts["/models"].get("readOnly") and mounts["/predlog"]["readOnly"]
+        volumes = {v["name"]: v for v in spec["volumes"]}  # type: ignore[index]
+        for mount in ("/models", "/predlog"):
+            claim = volumes[mounts[mount]["name"]]["persistentVolumeClaim"]["claimName"]
+            assert claim in claims.values()  # the same volumes as the gateways
+
+
+def test_the_service_selects_only_the_gateways(manifests: list[dict[str, object]]) -> None:
+    service = next(d for d in manifests if d["kind"] == "Service")
+    selector = service["spec"]["selector"]  # type: ignore[index]
+    for d in manifests:
+        if d["kind"] not in ("Deployment", "CronJob"):
+            continue
+        template = d["spec"]["template"] if d["kind"] == "Deployment" else d["spec"]["jobTemplate"]["spec"]["template"]  # type: ignore[index]
+        labels = template["metadata"]["labels"]
+        selected = all(labels.get(k) == v for k, v in selector.items())
+        assert selected == (d["metadata"]["name"] == "onnxgate"), d["metadata"]["name"]  # type: ignore[index]
 
 
 def test_dockerfile_lints_clean() -> None:
