@@ -111,21 +111,31 @@ class Split:
 
 
 def time_split(
-    rows: Labelled, *, test_fraction: float = 0.25, validation_fraction: float = 0.25, min_rows: int = 100
+    rows: Labelled,
+    *,
+    test_fraction: float = 0.25,
+    validation_fraction: float = 0.25,
+    min_rows: int = 100,
+    max_held_out: int = 1000,
 ) -> Split:
-    """Oldest rows to train, then validation, the newest to test; refused below `min_rows` labelled rows."""
+    """Oldest rows to train, then validation, the newest to test; refused below `min_rows` labelled rows.
+    Each held-out slice is at most `max_held_out` rows: with a long history, a fraction of it would reach
+    back past a recent change, and the decision is about what the model meets now."""
     n = len(rows)
     if n < min_rows:
         raise NotEnoughData(
             f"{n} labelled rows in the prediction log, {min_rows} needed to train and test a challenger "
             f"({min_rows - n} more; set --min-rows to change)"
         )
-    n_test = max(1, round(n * test_fraction))
-    n_validation = max(1, round(n * validation_fraction))
+    n_test = min(max(1, round(n * test_fraction)), max_held_out)
+    n_validation = min(max(1, round(n * validation_fraction)), max_held_out)
     cut_validation, cut_test = n - n_test - n_validation, n - n_test
     return Split(
         rows.rows(slice(0, cut_validation)), rows.rows(slice(cut_validation, cut_test)), rows.rows(slice(cut_test, n))
     )
+
+
+MIN_WINDOW_ROWS = 50  # fewer rows do not make a model worth converting and comparing
 
 
 @dataclass
@@ -141,8 +151,8 @@ class Window:
 
 
 def candidate_windows(record: TrainingRecord, feedback: Labelled, *, half_life_fraction: float = 0.25) -> list[Window]:
-    """base + feedback; feedback only; the newest half of the feedback (each when it holds two classes or
-    values to fit); base + feedback with weights halving every `half_life_fraction` of the feedback's
+    """base + feedback; feedback only; the newest half, quarter and eighth of the feedback (each when it
+    holds MIN_WINDOW_ROWS rows and two classes or values to fit); base + feedback with weights halving every `half_life_fraction` of the feedback's
     time span into the past (base rows weigh as the oldest feedback)."""
     base_X, base_y = record.base_data()
     both_X = pd.concat([base_X, feedback.X], ignore_index=True)
@@ -150,9 +160,10 @@ def candidate_windows(record: TrainingRecord, feedback: Labelled, *, half_life_f
     windows = [Window("base+feedback", both_X, both_y, None, len(feedback), len(base_y))]
     if len(feedback) and feedback.y.nunique() >= 2:
         windows.append(Window("feedback", feedback.X, feedback.y, None, len(feedback), 0))
-    newest = feedback.rows(slice(len(feedback) // 2, len(feedback)))  # after an abrupt change: the new concept
-    if len(newest) and newest.y.nunique() >= 2:
-        windows.append(Window("recent feedback", newest.X, newest.y, None, len(newest), 0))
+    for share in (2, 4, 8):  # after an abrupt change only the newest rows hold the new concept: how many,
+        newest = feedback.rows(slice(len(feedback) - len(feedback) // share, len(feedback)))  # validation says
+        if len(newest) >= MIN_WINDOW_ROWS and newest.y.nunique() >= 2:
+            windows.append(Window(f"newest 1/{share} of feedback", newest.X, newest.y, None, len(newest), 0))
     if len(feedback) >= 2:
         age = (feedback.at.max() - feedback.at).astype("timedelta64[us]").astype(np.float64)
         span = max(float(age.max()), 1.0)
