@@ -100,7 +100,8 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
             return Decision(
                 name,
                 FAILED,
-                "no candidate window gave a model that passed the parity check",
+                "no candidate window gave a usable model: "
+                + "; ".join(f"{c['window']}: {c.get('error', 'no score')}" for c in candidates),
                 champion,
                 candidates=candidates,
                 rows=rows,

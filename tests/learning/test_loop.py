@@ -248,3 +248,59 @@ def test_input_drift_is_measured_without_labels_and_triggers_a_retrain(
 
 def learner_policy(repo: Path) -> Policy:
     return Policy.load(repo / "m")
+
+
+_BROKEN_RECIPE = """
+def train(X, y, previous_model):
+    raise RuntimeError("the feature store is down")
+"""
+
+
+def test_a_failing_recipe_is_a_recorded_failure_and_publishes_nothing(
+    tmp_path: Path, start_gateway: Callable[..., GatewayHandle], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(9)
+    base = concept("A", 400, rng)
+    base.to_csv(tmp_path / "base.csv", index=False)
+    joblib.dump(LogisticRegression().fit(base[FEATURES], base["y"]), tmp_path / "model.joblib")
+    (tmp_path / "broken_recipe.py").write_text(_BROKEN_RECIPE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        repo = tmp_path / "repo"
+        assert onnxgate(["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--name", "m",
+                         "--recipe", "python:broken_recipe:train", "--training-data", str(tmp_path / "base.csv"),
+                         "--target", "y"]) == 0  # fmt: skip
+        # an explicit-mode gateway: it loads only what it is told to
+        gw = start_gateway(repo, model_control_mode="explicit", load_model=("m",), predlog_dir=str(tmp_path / "log"))
+        _stream(gw.address, "m", concept("B", 200, rng))
+        _flush(gw)
+        args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+        assert onnxgate([*args, "--min-rows", "100", "--gateway", gw.address]) == 1
+    finally:
+        sys.path.remove(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "failed" in out and "the feature store is down" in out
+    [decision] = decisions.read(repo / "m")
+    assert decision["outcome"] == "failed" and "the feature store is down" in decision["reason"]
+    assert versions(repo / "m") == [1]
+    with Client(gw.address) as client:
+        assert [m.version for m in client.repository_index() if m.name == "m" and m.state == "READY"] == ["1"]
+
+
+def test_a_promotion_is_loaded_by_an_explicit_mode_gateway(
+    tmp_path: Path, start_gateway: Callable[..., GatewayHandle]
+) -> None:
+    rng = np.random.default_rng(10)
+    repo = _convert(tmp_path, concept("A", 800, rng))
+    gw = start_gateway(repo, model_control_mode="explicit", load_model=("m",), predlog_dir=str(tmp_path / "log"))
+    _stream(gw.address, "m", concept("B", 600, rng))
+    _flush(gw)
+    args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+    assert onnxgate([*args, "--min-rows", "300", "--gateway", gw.address]) == 0
+    assert versions(repo / "m") == [1, 2]
+    with Client(gw.address) as client:
+        result = client.infer("m", {"input": np.zeros((1, 4), np.float32)})
+    assert result.version == "2"  # told through RepositoryModelLoad, no polling
