@@ -361,12 +361,13 @@ class FeedbackStore:
             self._forget_before(self._clock_us - int(self.settings.quality_window_s * 1e6))
 
     def _forget_before(self, cutoff_us: int) -> None:
-        # bounded memory: truths that last changed before the window are forgotten (the oldest first);
-        # a resend of one is then stored again, and the join's dedupe still counts it once
+        # bounded memory: truths that last changed before the window, or past as many as the live join
+        # keeps predictions, are forgotten (the oldest first); a resend of one is then stored again, and
+        # every reader of the log still counts it once
         latest = self._index.latest
         while latest:
             pid, row = next(iter(latest.items()))
-            if _micros(row["ts"]) >= cutoff_us:
+            if _micros(row["ts"]) >= cutoff_us and len(latest) <= self.settings.join_max_predictions:
                 break
             self._index.forget(pid)
 

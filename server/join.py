@@ -162,7 +162,7 @@ def primary_output(row: Row) -> str | None:
     return min(names, key=lambda n: (len(row[OUTPUT_PREFIX + n]), n)) if names else None
 
 
-@dataclass
+@dataclass(slots=True)  # one per joined prediction in the live join: no __dict__
 class Quality:
     joined: int = 0
     labelled: int = 0
@@ -344,51 +344,55 @@ class Joiner:
         with self._lock:
             if self._predlog is not None:
                 self._predlog.pop_recent_ids()  # written before this point: on disk, read below
+            now = time.time()
             skipped: SkipList = {}
-            predictions, feedback = self._new_rows(skipped)
+            listed: set[SegmentKey] = set()
+            cutoff_us = (self._newest_us or int(now * 1e6)) - int(self.window_s * 1e6)
+            for logfiles in self.logs:
+                for kind in (PREDICTIONS, FEEDBACK):
+                    for segment in logfiles.segments(kind, skipped=skipped):
+                        listed.add(segment.key)
+                        for rows in self._read_new(logfiles, segment, cutoff_us, skipped):
+                            self._take(kind, rows, now)
+            for gone in set(self._done) - listed:  # removed by retention
+                self._done.pop(gone, None)
+                self._sizes.pop(gone, None)
+                self._complete.discard(gone)
             for path in skipped.keys() - self.skipped.keys():
                 log.warning("prediction log: skipped unreadable file %s (%s)", path, skipped[path])
             self.skipped = skipped
-            for row in predictions:
-                self._add_prediction(row)
-            if self.on_feedback is not None and feedback:
-                self.on_feedback(feedback)
-            for row in sorted(feedback, key=order_key):
-                self._add_feedback(row)
-            self._evict(time.time())
-            self.snapshot = self._snapshot(time.time())
+            self._evict(now)
+            self.snapshot = self._snapshot(now)
             self.last_round_s = time.perf_counter() - started
             return self.snapshot
 
-    # -- reading what is new --------------------------------------------------------------------------
-    def _new_rows(self, skipped: SkipList) -> tuple[list[Row], list[Row]]:
-        predictions: list[Row] = []
-        feedback: list[Row] = []
-        listed: set[SegmentKey] = set()
-        cutoff_us = (self._newest_us or int(time.time() * 1e6)) - int(self.window_s * 1e6)
-        for logfiles in self.logs:
-            for kind, out in ((PREDICTIONS, predictions), (FEEDBACK, feedback)):
-                for segment in logfiles.segments(kind, skipped=skipped):
-                    listed.add(segment.key)
-                    out.extend(self._read_new(logfiles, segment, cutoff_us, skipped))
-        for gone in set(self._done) - listed:  # removed by retention
-            self._done.pop(gone, None)
-            self._sizes.pop(gone, None)
-            self._complete.discard(gone)
-        return predictions, feedback
+    def _take(self, kind: str, rows: list[Row], now: float) -> None:
+        """One chunk of new rows. A chunk at a time, evicting as it goes, so that catching up with a large
+        log (the first round) stays within the same bounds as every later round."""
+        if kind == PREDICTIONS:
+            for row in rows:
+                self._add_prediction(row)
+            self._evict(now)
+            return
+        if self.on_feedback is not None:
+            self.on_feedback(rows)
+        for row in sorted(rows, key=order_key):
+            self._add_feedback(row)
 
-    def _read_new(self, logfiles: LogFiles, segment: Segment, cutoff_us: int, skipped: SkipList) -> list[Row]:
+    # -- reading what is new --------------------------------------------------------------------------
+    def _read_new(self, logfiles: LogFiles, segment: Segment, cutoff_us: int, skipped: SkipList) -> Iterator[list[Row]]:
+        """The rows of a segment past its watermark, in chunks of CHUNK_ROWS."""
         key = segment.key
         if key in self._complete or (not segment.rolled and self._sizes.get(key) == segment.size):
-            return []
+            return
         if segment.rolled and key not in self._done:
             newest = logfiles.newest_ts(segment)
             if newest is not None and newest < cutoff_us:  # all of it before the window: never needed
                 self._complete.add(key)
-                return []
+                return
         table = logfiles.read(segment, skipped)
         if table is None:
-            return []
+            return
         self.segments_read += 1
         done = self._done.get(key, 0)
         self._done[key] = table.num_rows
@@ -397,12 +401,13 @@ class Joiner:
         else:
             self._sizes[key] = segment.size
         if table.num_rows <= done:
-            return []
+            return
         if segment.kind == PREDICTIONS:  # the inputs are not needed for quality
             table = table.select([n for n in table.column_names if not n.startswith(INPUT_PREFIX)])
-        rows: list[Row] = table.slice(done).to_pylist()
-        self.rows_read += len(rows)
-        return rows
+        for batch in table.slice(done).to_batches(max_chunksize=CHUNK_ROWS):
+            rows: list[Row] = batch.to_pylist()
+            self.rows_read += len(rows)
+            yield rows
 
     # -- the join -------------------------------------------------------------------------------------
     def _add_prediction(self, row: Row) -> None:
@@ -493,6 +498,7 @@ class Joiner:
 
 
 SegmentKey = tuple[str, str | None, str, int]
+CHUNK_ROWS = 10_000
 
 
 def _micros(ts: datetime) -> int:
