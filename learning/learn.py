@@ -167,6 +167,7 @@ class Learner:
             return None
         if now - state.last_run < policy.min_interval_s:
             log.info("learn: %s: %s, but the last run was %.0fs ago", name, check.trigger, now - state.last_run)
+            state.save(model_dir)
             return None
         started = time.monotonic()
         decision = retrain(self.repository, name, self.log_location, policy.rule, trigger=check.trigger)
@@ -232,7 +233,8 @@ class Learner:
 
     def serve(self, interval_s: float, stop: threading.Event) -> None:
         while not stop.is_set():
-            self.tick()
+            for decision in self.tick():
+                log.info("learn: %s: %s (%s): %s", decision.model, decision.outcome, decision.trigger, decision.reason)
             stop.wait(interval_s)
 
 
