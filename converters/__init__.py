@@ -286,8 +286,11 @@ def convert_and_check(
     conversion = convert(source, framework, options)
     attached = attach(conversion) if attach is not None else Attached()
     say("parity: running the original model and onnxruntime on sample rows")
+    given: Rows | None = None
     if sample_path:
-        sample_rows = sample.read_file(sample_path, conversion.inputs, conversion.input_columns)
+        # read once as the file gives the numbers; onnxruntime gets them cast (parity.check, `given`)
+        given = sample.read_file(sample_path, conversion.inputs, conversion.input_columns, cast=False)
+        sample_rows = sample.cast_rows(given, conversion.inputs)
         origin = f"user file {Path(sample_path).name}"
     elif attached.sample is not None:
         sample_rows, origin = attached.sample, attached.sample_origin
@@ -295,7 +298,7 @@ def convert_and_check(
         sample_rows = sample.from_signature(conversion, rows, np.random.default_rng(seed))
         origin = f"generated from the model's signature (seed {seed})"
     sample.row_count(sample_rows)
-    check = parity.check(conversion, sample_rows, origin, tolerance)
+    check = parity.check(conversion, sample_rows, origin, tolerance, given)
     report = _report(source, conversion, check)
     report.update(attached.report)
     return Checked(conversion, report, check, attached.files)

@@ -57,6 +57,12 @@ class Conversion:
     # the names of the columns of a single matrix input, in order, when the source knows them: a sample
     # file's header is matched against them (by name, ignoring columns the model does not read)
     input_columns: list[str] | None = None
+    # True: with a sample file, the parity check runs the original model on the numbers as the file
+    # gives them (float64) and onnxruntime on them cast to the inputs' types, as serving does: a
+    # library that compares float64 values with float64 thresholds (HistGradientBoosting) then answers
+    # as it would in the user's own code; rows that differ only because a value rounds to float32 onto
+    # a split threshold are reported apart (parity.py). False: both sides read the cast rows.
+    native_takes_given: bool = False
 
 
 class ConversionError(Exception):

@@ -4,19 +4,29 @@ Labels must agree on every row except exact ties (the two best native probabilit
 tolerance, where either answer is right). Probabilities are compared with an absolute tolerance;
 other values (regressions, tensors) with the larger of the absolute and a relative tolerance, so a
 house-price regression in float32 is not held to 1e-5 on values near 10^6.
+
+A converter that takes rows as given (Conversion.native_takes_given) is compared as it is served: the
+original model on the sample file's numbers (float64), onnxruntime on them cast to float32. A tree
+ensemble may then disagree where a value rounds to float32 onto a split threshold (x > t in float64,
+float32(x) == float32(t)): such a row is counted as a float32 boundary row, with examples, and does
+not refuse the model - but only when moving the value one float32 step off the threshold makes
+onnxruntime answer as the original model did. Every other difference still refuses.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from onnxgate.converters import graph
+from onnxgate.converters import graph, sample
 from onnxgate.converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, Rows, TensorSpec
 
 MAX_EXAMPLES = 5
+# values of one row found on a threshold that are nudged together (3 ** 4 = 81 variants of the row)
+MAX_BOUNDARY_VALUES = 4
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class ParityReport:
     tolerance: Tolerance
     outputs: list[OutputParity]
     problems: list[str]
+    # rows whose answer differs only because a value rounds to float32 onto a split threshold: left
+    # out of the comparisons above; examples name the row, the input, the position, the value as
+    # given and the float32 threshold it lands on
+    float32_boundary_rows: int = 0
+    float32_boundary_examples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +83,15 @@ class ParityReport:
                 f"    row {e['row']}{'' if e.get('index') is None else ' [' + str(e['index']) + ']'}:"
                 f" native {e['native']!r} vs onnx {e['onnx']!r}"
                 for e in out.examples
+            )
+        if self.float32_boundary_rows:
+            lines.append(
+                f"  {self.float32_boundary_rows} rows left out: their value rounds to float32 onto a split"
+                " threshold, so the float32 model answers the other branch (one float32 step away it agrees)"
+            )
+            lines.extend(
+                f"    row {e['row']} {e['input']}[{e['index']}]: {e['value']!r} -> float32 {e['float32']!r} = threshold"
+                for e in self.float32_boundary_examples
             )
         lines.extend(f"  problem: {p}" for p in self.problems)
         return "\n".join(lines)
@@ -167,13 +191,98 @@ def _compare_values(name: str, kind: str, native: np.ndarray, onnx: np.ndarray, 
     )
 
 
-def check(conversion: Conversion, rows: Rows, sample: str, tolerance: Tolerance | None = None) -> ParityReport:
-    """Compare the original model with onnxruntime on `rows`; never raises for a mere difference."""
+def _wrong_rows(kind: str, native: np.ndarray, onnx: np.ndarray, tolerance: Tolerance) -> np.ndarray:
+    """Per row of `onnx` (len(native) == 1 broadcasts one native row): whether it is over tolerance."""
+    if kind == "label":
+        text = [v.decode() if isinstance(v, bytes) else str(v) for v in native.reshape(-1)]
+        got = [v.decode() if isinstance(v, bytes) else str(v) for v in onnx.reshape(-1)]
+        return np.array([g != text[0 if len(text) == 1 else i] for i, g in enumerate(got)], dtype=bool)
+    a = native.astype(np.float64).reshape(len(native), -1)
+    b = onnx.astype(np.float64).reshape(len(onnx), -1)
+    diff = np.where(np.isnan(a) & np.isnan(b), 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    allowed = np.full_like(a, tolerance.atol)
+    if kind == "values":
+        allowed = np.maximum(allowed, tolerance.rtol * np.abs(a))
+    return np.asarray((diff > allowed).any(axis=1))
+
+
+def _float32_boundary(
+    conversion: Conversion,
+    rows: Rows,
+    given: Rows,
+    native: Rows,
+    kinds: dict[str, str],
+    candidates: np.ndarray,
+    tolerance: Tolerance,
+) -> dict[int, list[dict[str, Any]]]:
+    """The rows among `candidates` that differ only because a value sits on a float32 split threshold.
+
+    A row qualifies when some of its float32 values equal a threshold of a tree ensemble reading that
+    column, and moving them one float32 step up or down (every combination) makes onnxruntime answer
+    as the original model did on the row as given. Returns row -> the values on thresholds.
+    """
+    thresholds = {
+        spec.name: sample.tree_thresholds(conversion.model, spec.name)
+        for spec in conversion.inputs
+        if spec.datatype == "FP32" and len(spec.shape) == 2
+    }
+    variants: list[Rows] = []
+    owners: list[int] = []
+    found: dict[int, list[dict[str, Any]]] = {}
+    for r in candidates.tolist():
+        hits = [
+            (name, f, float(rows[name][r, f]), float(given[name][r, f]))
+            for name, by_feature in thresholds.items()
+            for f, cuts in by_feature.items()
+            if f < rows[name].shape[1] and np.isin(rows[name][r, f], cuts)
+        ]
+        if not hits or len(hits) > MAX_BOUNDARY_VALUES:
+            continue
+        found[r] = [{"row": r, "input": n, "index": f, "value": g, "float32": v} for n, f, v, g in hits]
+        for steps in itertools.product((0, 1, -1), repeat=len(hits)):
+            if not any(steps):
+                continue
+            variant = {name: values[r : r + 1].copy() for name, values in rows.items()}
+            for (name, f, value, _), step in zip(hits, steps, strict=True):
+                toward = np.float32(np.inf if step > 0 else -np.inf)
+                variant[name][0, f] = np.nextafter(np.float32(value), toward) if step else value
+            variants.append(variant)
+            owners.append(r)
+    if not variants:
+        return {}
+    batch = {name: np.concatenate([v[name] for v in variants]) for name in rows}
+    got = run_onnx(conversion, batch)
+    owner = np.array(owners)
+    agreeing: set[int] = set()
+    for r in found:
+        mine = owner == r
+        ok = np.ones(int(mine.sum()), dtype=bool)
+        for name, kind in kinds.items():
+            ok &= ~_wrong_rows(kind, np.asarray(native[name])[r : r + 1], np.asarray(got[name])[mine], tolerance)
+        if ok.any():
+            agreeing.add(r)
+    return {r: hits for r, hits in found.items() if r in agreeing}
+
+
+def check(
+    conversion: Conversion,
+    rows: Rows,
+    sample: str,
+    tolerance: Tolerance | None = None,
+    given: Rows | None = None,
+) -> ParityReport:
+    """Compare the original model with onnxruntime on `rows`; never raises for a mere difference.
+
+    `given`: the same rows as the sample file gives them (numbers not cast to float32); the original
+    model runs on them when the conversion takes rows as given (Conversion.native_takes_given).
+    """
     tolerance = tolerance or Tolerance()
     problems = signature_problems(conversion)
     n = len(next(iter(rows.values())))
+    as_given = given is not None and conversion.native_takes_given
     try:
-        native = conversion.predict_native(rows)
+        native = conversion.predict_native(given if as_given and given is not None else rows)
     except ConversionError:
         raise
     except Exception as error:  # whatever the original library raises, the user needs to see it
@@ -182,8 +291,7 @@ def check(conversion: Conversion, rows: Rows, sample: str, tolerance: Tolerance 
         ) from error
     onnx = run_onnx(conversion, rows)
     specs = {s.name: s for s in conversion.outputs}
-    ties = _ties(native, tolerance)
-    outputs: list[OutputParity] = []
+    compared: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
     for name, expected in native.items():
         got = onnx.get(name)
         if got is None:
@@ -193,12 +301,29 @@ def check(conversion: Conversion, rows: Rows, sample: str, tolerance: Tolerance 
         if expected.size != got.size or len(expected) != len(got):
             problems.append(f"output {name!r}: native shape {list(expected.shape)}, onnx shape {list(got.shape)}")
             continue
-        kind = _kind(specs.get(name), name)
+        compared[name] = (_kind(specs.get(name), name), expected, got)
+    boundary: dict[int, list[dict[str, Any]]] = {}
+    if as_given and given is not None and compared:
+        wrong = np.zeros(n, dtype=bool)
+        for kind, expected, got in compared.values():
+            wrong |= _wrong_rows(kind, expected, got, tolerance)
+        if wrong.any():
+            kinds = {name: kind for name, (kind, _, _) in compared.items()}
+            boundary = _float32_boundary(conversion, rows, given, native, kinds, np.flatnonzero(wrong), tolerance)
+    # the comparison leaves the float32 boundary rows out; example rows keep their numbers in the sample
+    keep = np.array([r for r in range(n) if r not in boundary], dtype=np.int64)
+    ties = _ties({k: np.asarray(v)[keep] for k, v in native.items()}, tolerance)
+    outputs: list[OutputParity] = []
+    for name, (kind, expected, got) in compared.items():
         if kind == "label":
-            outputs.append(_compare_labels(name, expected, got, ties))
+            result = _compare_labels(name, expected[keep], got[keep], ties)
         else:
-            outputs.append(_compare_values(name, kind, expected, got, tolerance))
+            result = _compare_values(name, kind, expected[keep], got[keep], tolerance)
+        for example in result.examples:
+            example["row"] = int(keep[example["row"]])
+        outputs.append(result)
     if not outputs:
         problems.append("no output was compared")
     passed = not problems and all(o.passed for o in outputs)
-    return ParityReport(passed, n, sample, tolerance, outputs, problems)
+    examples = [hit for r in sorted(boundary)[:MAX_EXAMPLES] for hit in boundary[r][:1]]
+    return ParityReport(passed, n, sample, tolerance, outputs, problems, len(boundary), examples)

@@ -48,6 +48,20 @@ def as_datatype(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
         raise ConversionError(f"input {spec.name!r}: sample values are not {spec.datatype}: {error}") from error
 
 
+def as_given(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """`values` as the user's file holds them: numbers as float64 (not yet rounded to the input's type),
+    strings as an object array of str. What the native library sees in the parity check of converters
+    that take rows as given (Conversion.native_takes_given)."""
+    if spec.datatype.startswith("FP") and values.dtype.kind in "fiu":
+        return values.astype(np.float64)
+    return as_datatype(values, spec)
+
+
+def cast_rows(rows: Rows, inputs: list[TensorSpec]) -> Rows:
+    """Rows cast to the inputs' datatypes: what a client sends and onnxruntime reads."""
+    return {spec.name: as_datatype(rows[spec.name], spec) for spec in inputs}
+
+
 def _row_shape(spec: TensorSpec) -> tuple[int, ...]:
     rest = spec.shape[1:]
     if any(d < 0 for d in rest):
@@ -118,11 +132,15 @@ def from_signature(conversion: Conversion, n: int, rng: np.random.Generator) -> 
     return rows
 
 
-def read_file(path: str | Path, inputs: list[TensorSpec], input_columns: list[str] | None = None) -> Rows:
+def read_file(
+    path: str | Path, inputs: list[TensorSpec], input_columns: list[str] | None = None, *, cast: bool = True
+) -> Rows:
     """The user's sample rows: CSV or Parquet (columns), .npy (one array), .npz (one array per input).
 
     `input_columns` names the columns of a single matrix input, in order, when the model knows them
     (Conversion.input_columns); a table's columns are then picked from the file by those names.
+    `cast`: rows cast to the inputs' datatypes (what onnxruntime reads); False: numbers as given
+    (float64), for the native side of the parity check (`as_given`, `cast_rows`).
     """
     path = Path(path)
     if not path.is_file():
@@ -130,13 +148,13 @@ def read_file(path: str | Path, inputs: list[TensorSpec], input_columns: list[st
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _from_arrays(
-            {inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else {}, inputs, path
+            {inputs[0].name: np.load(path, allow_pickle=False)} if len(inputs) == 1 else {}, inputs, path, cast
         )
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            return _from_arrays({k: archive[k] for k in archive.files}, inputs, path)
+            return _from_arrays({k: archive[k] for k in archive.files}, inputs, path, cast)
     if suffix in (".csv", ".parquet", ".pq"):
-        return _from_table(_read_table(path), inputs, input_columns, path)
+        return _from_table(_read_table(path), inputs, input_columns, path, cast)
     raise ConversionError(f"sample file {path.name!r}: expected .csv, .parquet, .npy or .npz")
 
 
@@ -192,23 +210,25 @@ def _width(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
 
 
-def _shaped(columns: list[np.ndarray], spec: TensorSpec) -> np.ndarray:
-    matrix = np.stack([np.asarray(c) for c in columns], axis=1)
-    return as_datatype(matrix.reshape((-1, *spec.shape[1:])), spec)
+def _shaped(columns: list[np.ndarray], spec: TensorSpec, cast: bool = True) -> np.ndarray:
+    matrix = np.stack([np.asarray(c) for c in columns], axis=1).reshape((-1, *spec.shape[1:]))
+    return as_datatype(matrix, spec) if cast else as_given(matrix, spec)
 
 
-def _from_table(table: Table, inputs: list[TensorSpec], input_columns: list[str] | None, path: Path) -> Rows:
+def _from_table(
+    table: Table, inputs: list[TensorSpec], input_columns: list[str] | None, path: Path, cast: bool = True
+) -> Rows:
     names, columns = table
     if names is None:
-        return _by_position(columns, inputs, path, "the file names no columns")
+        return _by_position(columns, inputs, path, "the file names no columns", cast)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConversionError(f"sample file {path.name!r} repeats the column names {repeated}")
     by_name = dict(zip(names, columns, strict=True))
     wanted = columns_by_input(names, inputs, input_columns, f"sample file {path.name!r}")
     if wanted is None:  # the model does not know its columns' names: the file's columns, in order
-        return _by_position(columns, inputs, path, "the model does not name its columns")
-    return {s.name: _shaped([by_name[c] for c in wanted[s.name]], s) for s in inputs}
+        return _by_position(columns, inputs, path, "the model does not name its columns", cast)
+    return {s.name: _shaped([by_name[c] for c in wanted[s.name]], s, cast) for s in inputs}
 
 
 def columns_by_input(
@@ -235,7 +255,7 @@ def columns_by_input(
     return wanted
 
 
-def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path, why: str) -> Rows:
+def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path, why: str, cast: bool = True) -> Rows:
     """Columns not matched by name: the inputs take them in file order, each as many as its row width."""
     widths = [_width(s) for s in inputs]
     if len(inputs) == 1 and widths[0] < 0:  # a free width takes every column
@@ -249,12 +269,12 @@ def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path
     rows: Rows = {}
     start = 0
     for spec, width in zip(inputs, widths, strict=True):
-        rows[spec.name] = _shaped(columns[start : start + width], spec)
+        rows[spec.name] = _shaped(columns[start : start + width], spec, cast)
         start += width
     return rows
 
 
-def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path) -> Rows:
+def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], path: Path, cast: bool = True) -> Rows:
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise ConversionError(
@@ -272,7 +292,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], path: 
             raise ConversionError(
                 f"sample array {spec.name!r} has shape {list(values.shape)}, input expects {list(spec.shape)}"
             )
-        rows[spec.name] = as_datatype(values, spec)
+        rows[spec.name] = as_datatype(values, spec) if cast else as_given(values, spec)
     return rows
 
 
