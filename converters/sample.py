@@ -211,7 +211,9 @@ def _width(spec: TensorSpec) -> int:
 
 
 def _shaped(columns: list[np.ndarray], spec: TensorSpec, cast: bool = True) -> np.ndarray:
-    matrix = np.stack([np.asarray(c) for c in columns], axis=1).reshape((-1, *spec.shape[1:]))
+    matrix = np.stack([np.asarray(c) for c in columns], axis=1)
+    if all(d >= 0 for d in spec.shape[1:]):  # a free width (-1) keeps the columns as they came
+        matrix = matrix.reshape((-1, *spec.shape[1:]))
     return as_datatype(matrix, spec) if cast else as_given(matrix, spec)
 
 

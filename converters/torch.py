@@ -82,6 +82,9 @@ def _row_shape(module: Any, options: ConvertOptions) -> tuple[int, ...]:
     if options.input_shape:
         return tuple(options.input_shape)
     if options.sample_path:
+        if Path(options.sample_path).suffix.lower() == ".npy":  # an array keeps its row shape (images too)
+            return tuple(int(d) for d in np.load(options.sample_path, mmap_mode="r").shape[1:])
+        # a table gives flat rows: its width is the row shape of a model that reads vectors
         rows = sample.read_file(options.sample_path, [TensorSpec("input", "FP32", (-1, -1))])
         return tuple(int(d) for d in rows["input"].shape[1:]) if rows["input"].ndim > 1 else ()
     for _, layer in module.named_modules():
@@ -136,7 +139,20 @@ def convert(source: str, options: ConvertOptions) -> Conversion:
         try:
             result = module(example)
         except Exception as error:  # the module's own code fails: the shape is probably wrong
-            raise ConversionError(f"the module fails on an input of shape {list(example.shape)}: {error}") from error
+            if not options.input_shape and options.sample_path:
+                # TorchScript errors carry the script's own traceback; its last line says what failed
+                reason = ([line for line in str(error).splitlines() if line.strip()] or [type(error).__name__])[-1]
+                raise ConversionError(
+                    f"the module fails on rows of shape {list(row_shape)} taken from the sample file"
+                    f" {Path(options.sample_path).name!r} ({reason.strip()[:300]}):"
+                    " a table gives flat rows; a model that reads more dimensions (an image, a sequence) needs"
+                    " --input-shape with one row's shape, e.g. --input-shape 3,32,32 (the file's columns are"
+                    " then read in that shape, row-major)"
+                ) from error
+            raise ConversionError(
+                f"the module fails on an input of shape {list(example.shape)}: {error}; pass --input-shape"
+                " with one row's shape (e.g. 3,32,32)"
+            ) from error
     output_names = [f"output{i}" for i in range(len(result))] if isinstance(result, tuple | list) else ["output"]
     model = _export(module, example, output_names)
     graph.set_batch_dims(model)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 from skl2onnx import convert_sklearn
@@ -14,6 +17,7 @@ from skl2onnx.common.data_types import FloatTensorType
 from sklearn.linear_model import LogisticRegression
 
 from tests.converters.helpers import check_published, config, published, run_cli, run_onnx
+from tests.converters.serving import served
 
 MODULE_SOURCE = textwrap.dedent(
     """
@@ -104,3 +108,67 @@ def test_npy_sample_for_an_onnx_file(tmp_path: Path) -> None:
     assert run_cli(tmp_path / "m.onnx", tmp_path / "repo", "m", "--sample", str(tmp_path / "rows.npy")) == 0
     rep = check_published(published(tmp_path / "repo", "m"), "onnx", "other")
     assert rep["parity"]["rows"] == 11
+
+
+class _Flat(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.layer = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.layer(x))
+
+
+class _Cnn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled: torch.Tensor = self.pool(self.conv(x))
+        return pooled.flatten(1)
+
+
+def test_torchscript_takes_its_row_width_from_a_csv_sample(tmp_path: Path, start_gateway: Callable[..., Any]) -> None:
+    flat = _Flat().eval()
+    torch.jit.script(flat).save(str(tmp_path / "flat.pt"))  # type: ignore[no-untyped-call]
+    rows = np.random.default_rng(8).normal(size=(20, 5))
+    pd.DataFrame(rows, columns=list("abcde")).to_csv(tmp_path / "rows.csv", index=False)
+
+    assert run_cli(tmp_path / "flat.pt", tmp_path / "repo", "flat", "--sample", str(tmp_path / "rows.csv")) == 0
+    version = published(tmp_path / "repo", "flat")
+    rep = check_published(version, "torch", "other")
+    assert rep["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 5]}] and rep["parity"]["rows"] == 20
+    x = rows.astype(np.float32)
+    answer = served(start_gateway, tmp_path / "repo", "flat", {"input": x}, ["output"])["output"]
+    with torch.no_grad():
+        np.testing.assert_allclose(answer, flat(torch.from_numpy(x)).numpy(), atol=1e-5)
+
+
+def test_torchscript_cnn_with_a_csv_sample_needs_input_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cnn = _Cnn().eval()
+    torch.jit.script(cnn).save(str(tmp_path / "cnn.pt"))  # type: ignore[no-untyped-call]
+    pixels = np.random.default_rng(9).normal(size=(12, 64))
+    pd.DataFrame(pixels).to_csv(tmp_path / "images.csv", index=False)
+
+    assert run_cli(tmp_path / "cnn.pt", tmp_path / "repo", "cnn", "--sample", str(tmp_path / "images.csv")) == 2
+    err = capsys.readouterr().err
+    assert "--input-shape" in err and "rows of shape [64]" in err and "images.csv" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "repo" / "cnn").exists()
+
+    # with the row shape the same file's 64 columns are 1x8x8 images, row-major
+    args = ("--sample", str(tmp_path / "images.csv"), "--input-shape", "1,8,8")
+    assert run_cli(tmp_path / "cnn.pt", tmp_path / "repo", "cnn", *args) == 0
+    version = published(tmp_path / "repo", "cnn")
+    assert check_published(version, "torch", "other")["parity"]["rows"] == 12
+    images = pixels.reshape(-1, 1, 8, 8).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            run_onnx(version, {"input": images})["output"], cnn(torch.from_numpy(images)).numpy(), atol=1e-5
+        )
