@@ -8,7 +8,11 @@ two before `publish.py` writes a version. Converters stay small functions; the s
 Output names are fixed across frameworks so that clients, the prediction log and the quality
 metrics never need to know where a model came from:
 - classifiers: `label` (INT64 or BYTES, shape [-1]) and `probabilities` (FP32, shape [-1, n_classes]);
-- regressors:  `prediction` (FP32, shape [-1] or [-1, n_targets]).
+- regressors:  `prediction` (FP32, shape [-1] or [-1, n_targets]);
+- clusterers (task "clustering"): `label` (INT64 cluster, shape [-1]) and `distances` (FP32, shape
+  [-1, n_clusters]: the distance to each cluster centre, scikit-learn's transform());
+- anomaly detectors (task "anomaly"): `label` (INT64, 1 inlier / -1 outlier, shape [-1]) and `score`
+  (FP32, shape [-1]: scikit-learn's decision_function(), negative for outliers).
 Tabular inputs are one FP32 tensor `input` of shape [-1, n_features], or one tensor per column
 (shape [-1, 1]) when columns have different types (string columns are BYTES).
 """
@@ -23,12 +27,14 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-Task = Literal["classification", "regression", "other"]
+Task = Literal["classification", "regression", "clustering", "anomaly", "other"]
 Rows = dict[str, np.ndarray]
 
 LABEL = "label"
 PROBABILITIES = "probabilities"
 PREDICTION = "prediction"
+DISTANCES = "distances"
+SCORE = "score"
 
 
 @dataclass(frozen=True)

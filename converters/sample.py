@@ -35,10 +35,18 @@ _NUMPY_TYPES: dict[str, type[np.generic]] = {
 _TREE_OPS = {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"}
 
 
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # NaN is not equal to itself
+
+
 def as_datatype(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """`values` cast to what onnxruntime expects for `spec` (BYTES: an object array of str)."""
+    """`values` cast to what onnxruntime expects for `spec` (BYTES: an object array of str).
+
+    A missing string (an empty CSV cell, None, NaN) becomes "", what a client sends for it: the
+    scikit-learn converter serves string imputers with "" as their missing value.
+    """
     if spec.datatype == "BYTES":
-        flat = [v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+        flat = ["" if _missing(v) else v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
         return np.array(flat, dtype=object).reshape(values.shape)
     try:
         return values.astype(_NUMPY_TYPES[spec.datatype])
@@ -54,6 +62,9 @@ def as_given(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
     that take rows as given (Conversion.native_takes_given)."""
     if spec.datatype.startswith("FP") and values.dtype.kind in "fiu":
         return values.astype(np.float64)
+    if spec.datatype == "BYTES":  # a missing string stays missing (NaN), as pandas gives it to the library
+        flat = [np.nan if _missing(v) else v.decode() if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+        return np.array(flat, dtype=object).reshape(values.shape)
     return as_datatype(values, spec)
 
 

@@ -19,7 +19,7 @@ def served(
     handle = start_gateway(repository)
     client = grpcclient.InferenceServerClient(handle.address)
     try:
-        assert client.is_model_ready(model, "1")
+        assert client.is_model_ready(model)  # the newest version
         tensors = []
         for name, values in feeds.items():
             datatype = "BYTES" if values.dtype == object else _DATATYPES[values.dtype]

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import xgboost
-from sklearn.cluster import KMeans
 from sklearn.linear_model import LinearRegression
+from sklearn.preprocessing import StandardScaler
 
 from onnxgate import converters
 from onnxgate.converters import ConversionError, MissingDependency, convert, detect_framework, parity
@@ -138,9 +138,9 @@ def test_corrupt_files_give_clear_errors(tmp_path: Path, name: str, content: byt
 
 
 def test_unsupported_model_types(tmp_path: Path) -> None:
-    joblib.dump(KMeans(n_clusters=2, n_init=1).fit(X), tmp_path / "kmeans.joblib")
-    with pytest.raises(ConversionError, match="only scikit-learn classifiers and regressors"):
-        convert(tmp_path / "kmeans.joblib")
+    joblib.dump(StandardScaler().fit(X), tmp_path / "scaler.joblib")  # a transformer alone predicts nothing
+    with pytest.raises(ConversionError, match="only scikit-learn classifiers, regressors, clusterers"):
+        convert(tmp_path / "scaler.joblib")
     (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"weights": [1, 2]}))
     with pytest.raises(ConversionError, match="holds a dict, not a scikit-learn estimator"):
         convert(tmp_path / "dict.pkl")
