@@ -250,15 +250,17 @@ def columns_by_input(
     """The named columns of a table each input takes, in order; None when they can only go by position.
 
     An input named like a column takes that column; a single matrix input takes `input_columns` (the
-    names the model knows). Columns the model does not read are left out (an id, the target). The
-    learning loop's training record maps training data to inputs with the same rule.
+    names the model knows). An input wider than one column takes the columns `name[0]`, `name[1]`, ...
+    (one row flattened in row-major order), so a model with several such inputs can read one table.
+    Columns the model does not read are left out (an id, the target). The learning loop's training
+    record maps training data to inputs with the same rule.
     """
-    if len(inputs) == 1 and inputs[0].name not in names:
+    if len(inputs) == 1 and inputs[0].name not in names and indexed_columns(inputs[0])[0] not in names:
         if not input_columns:
             return None
         wanted = {inputs[0].name: list(input_columns)}
     else:
-        wanted = {s.name: [s.name] for s in inputs}
+        wanted = {s.name: [s.name] if s.name in names else indexed_columns(s) for s in inputs}
     missing = [name for want in wanted.values() for name in want if name not in names]
     if missing:
         raise ConversionError(
@@ -266,6 +268,18 @@ def columns_by_input(
             " name them as the model does, or give a file without a header to match columns by position"
         )
     return wanted
+
+
+def indexed_columns(spec: TensorSpec) -> list[str]:
+    """The table columns of one input: its name when a row is one value, else `name[0]`, `name[1]`, ..."""
+    width = _width(spec)
+    if width == 1:
+        return [spec.name]
+    if width < 0:
+        raise ConversionError(
+            f"input {spec.name!r} has shape {list(spec.shape)}: its columns cannot be named when its width is free"
+        )
+    return [f"{spec.name}[{i}]" for i in range(width)]
 
 
 def _by_position(columns: list[np.ndarray], inputs: list[TensorSpec], path: Path, why: str, cast: bool = True) -> Rows:

@@ -7,7 +7,9 @@ columns have no names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -15,10 +17,11 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LinearRegression
 
-from onnxgate.converters import convert_to_repository, sample
+from onnxgate.converters import convert, convert_to_repository, sample
 from onnxgate.converters.base import ConversionError
 from onnxgate.converters.pmml import convert_pmml
 from tests.converters.helpers import check_published, published, run_cli
+from tests.converters.serving import served
 
 RNG = np.random.default_rng(7)
 
@@ -125,3 +128,52 @@ def test_sklearn_fitted_on_a_frame_takes_its_columns_by_name(tmp_path: Path) -> 
     )
     report = check_published(published(tmp_path / "repo", "linear"), "sklearn", "regression")
     assert report["parity"]["rows"] == 60
+
+
+def _two_input_graph(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An ONNX model made elsewhere: score = a @ wa + b @ wb, with `a` [-1, 3] and `b` [-1, 2]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    wa, wb = np.array([[1.0], [-2.0], [0.5]], np.float32), np.array([[3.0], [0.25]], np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["a", "wa"], ["pa"]),
+            helper.make_node("MatMul", ["b", "wb"], ["pb"]),
+            helper.make_node("Add", ["pa", "pb"], ["score"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 2]),
+        ],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    return wa, wb
+
+
+def test_several_wide_inputs_take_indexed_columns(tmp_path: Path, start_gateway: Callable[..., Any]) -> None:
+    """Columns `a[0]`, `a[1]`, `a[2]`, `b[0]`, `b[1]` feed inputs a [-1, 3] and b [-1, 2], in any order."""
+    wa, wb = _two_input_graph(tmp_path / "two.onnx")
+    a, b = RNG.normal(size=(30, 3)), RNG.normal(size=(30, 2))
+    frame = pd.DataFrame({"id": np.arange(30), "b[1]": b[:, 1], "a[0]": a[:, 0], "b[0]": b[:, 0]})
+    frame["a[2]"], frame["a[1]"] = a[:, 2], a[:, 1]
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+
+    conversion = convert(tmp_path / "two.onnx")
+    rows = sample.read_file(tmp_path / "rows.csv", conversion.inputs)
+    np.testing.assert_array_equal(rows["a"], a.astype(np.float32))
+    np.testing.assert_array_equal(rows["b"], b.astype(np.float32))
+
+    assert run_cli(tmp_path / "two.onnx", tmp_path / "repo", "two", "--sample", str(tmp_path / "rows.csv")) == 0
+    report = check_published(published(tmp_path / "repo", "two"), "onnx", "other")
+    assert report["parity"]["rows"] == 30
+    feeds = {"a": a.astype(np.float32), "b": b.astype(np.float32)}
+    answer = served(start_gateway, tmp_path / "repo", "two", feeds, ["score"])["score"]
+    np.testing.assert_allclose(answer, feeds["a"] @ wa + feeds["b"] @ wb, rtol=1e-6)
+
+    frame.drop(columns=["b[1]"]).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(ConversionError, match=r"lacks columns the model reads: \['b\[1\]'\]"):
+        sample.read_file(tmp_path / "short.csv", conversion.inputs)
