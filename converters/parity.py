@@ -170,7 +170,7 @@ def _compare_values(name: str, kind: str, native: np.ndarray, onnx: np.ndarray, 
     diff = np.where(both_nan, 0.0, np.abs(a - b))
     diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only is a difference
     # relative to max(|native|, 1): near zero a relative difference says nothing, the absolute one does
-    rel = diff / np.maximum(np.abs(a), 1.0)
+    rel = diff / np.maximum(np.abs(np.nan_to_num(a)), 1.0)  # NaN on both sides is no difference
     allowed = np.full_like(a, tolerance.atol)
     if kind == "values":
         allowed = np.maximum(allowed, tolerance.rtol * np.abs(a))

@@ -291,29 +291,44 @@ def _linear(path: Path, obj: dict[str, Any], is_glm: bool) -> Conversion:
             f"glm family {family}({link}) is not supported (gaussian identity, binomial logit, poisson log are)"
         )
     frame = obj.get("model")
-    if obj.get("xlevels"):
-        raise ConversionError("lm/glm with factor predictors is not supported yet (numeric predictors are)")
+    factors = _factor_levels(obj)
     intercept = 0.0
     predictors: list[str] = []
     weights: list[float] = []
+    # factor -> coefficient per level, in level order; the reference level (the first) adds 0
+    by_level = {f: [0.0] * len(levels) for f, levels in factors.items()}
+    level_terms = {f"{f}{level}": (f, k) for f, levels in factors.items() for k, level in enumerate(levels) if k > 0}
     for name, b in zip(names, beta, strict=True):
         if name == "(Intercept)":
             intercept = float(b)
+        elif ":" in name:
+            raise ConversionError(
+                f"lm/glm term {name!r} is an interaction: interactions (x:z, x*z) are not supported;"
+                " refit with main effects, or compute the product as a column before fitting"
+            )
+        elif name in level_terms:
+            factor, k = level_terms[name]
+            by_level[factor][k] = float(b)
         elif frame is not None and _SYNTACTIC.match(name) and name in getattr(frame, "columns", []):
             predictors.append(name)
             weights.append(float(b))
         else:
             raise ConversionError(
-                f"lm/glm term {name!r} is not a plain numeric column of the model frame "
-                "(transformed terms and interactions are not supported)"
+                f"lm/glm term {name!r} is not a plain numeric column or factor level of the model frame "
+                "(transformed terms such as log(x) or I(x^2) are not supported)"
             )
-    if not predictors:
+    if not predictors and not factors:
         raise ConversionError("lm/glm without predictors has nothing to serve")
     assert frame is not None
-    variables = [Variable(p, None, float(np.min(frame[p])), float(np.max(frame[p]))) for p in predictors]
+    numeric = [Variable(p, None, float(np.min(frame[p])), float(np.max(frame[p]))) for p in predictors]
+    variables = numeric + [Variable(f, levels) for f, levels in factors.items()]
+    tabular = not factors
     g = GraphBuilder()
-    inputs, _ = _inputs(g, variables, tabular=True)
-    eta = g.op("Add", [g.op("MatMul", [INPUT, g.const(np.array(weights).reshape(-1, 1))]), g.const(intercept)])
+    if tabular:
+        inputs, _ = _inputs(g, variables, tabular=True)
+        eta = g.op("Add", [g.op("MatMul", [INPUT, g.const(np.array(weights).reshape(-1, 1))]), g.const(intercept)])
+    else:
+        inputs, eta = _factor_terms(g, numeric, weights, factors, by_level, intercept)
     classes: list[str] = []
     if family == "binomial":
         classes = _binomial_classes(frame)
@@ -325,9 +340,72 @@ def _linear(path: Path, obj: dict[str, Any], is_glm: bool) -> Conversion:
         outputs = _regression_outputs(g, g.op("Exp", [eta]) if link == "log" else eta)
         kind = "regression"
     model = g.model(inputs, outputs, name=f"r_{'glm' if is_glm else 'lm'}")
-    reference = _RReference(path, variables, True, "glm" if is_glm else "lm", classes)
+    reference = _RReference(path, variables, tabular, "glm" if is_glm else "lm", classes)
     label = f"glm {family}({link})" if is_glm else "lm"
-    return _conversion(model, variables, True, kind, classes, reference, label)
+    conversion = _conversion(model, variables, tabular, kind, classes, reference, label)
+    if factors:
+        conversion.notes.append(
+            f"factors {', '.join(factors)}: BYTES inputs of their levels (treatment contrasts); a level the"
+            " model was not fitted with answers NaN, where R's predict() stops with 'factor has new levels'"
+        )
+    return conversion
+
+
+def _factor_levels(obj: dict[str, Any]) -> dict[str, list[str]]:
+    """The factor predictors of an lm/glm and their levels (xlevels), checked to be treatment-coded columns."""
+    xlevels = obj.get("xlevels") or {}
+    contrasts = obj.get("contrasts") or {}
+    out: dict[str, list[str]] = {}
+    for name, levels in xlevels.items():
+        factor = str(name)
+        if not _SYNTACTIC.match(factor):
+            raise ConversionError(
+                f"lm/glm factor {factor!r} is computed in the formula: make the column a factor in the data"
+                " frame before fitting (d$x <- factor(d$x)), so clients can send its levels by column name"
+            )
+        coding = contrasts.get(name, "contr.treatment")
+        coding_text = str(np.asarray(coding).ravel()[0]) if np.asarray(coding).size == 1 else "a contrast matrix"
+        if coding_text != "contr.treatment":
+            raise ConversionError(
+                f"lm/glm factor {factor!r} is coded with {coding_text}: only treatment contrasts (R's default for"
+                f" unordered factors) are supported; refit with contrasts = list({factor} = 'contr.treatment')"
+            )
+        out[factor] = [str(v) for v in np.asarray(levels).ravel()]
+    return out
+
+
+def _factor_terms(
+    g: GraphBuilder,
+    numeric: list[Variable],
+    weights: list[float],
+    factors: dict[str, list[str]],
+    by_level: dict[str, list[float]],
+    intercept: float,
+) -> tuple[list[onnx.ValueInfoProto], str]:
+    """One input per column (factors as BYTES) and the linear predictor eta [N, 1].
+
+    A factor's treatment-coded columns times their coefficients is one lookup: level -> its
+    coefficient (0 for the reference level), NaN for a level the model never saw.
+    """
+    inputs = [helper.make_tensor_value_info(v.name, TensorProto.FLOAT, [None, 1]) for v in numeric]
+    terms = [g.op("Mul", [v.name, g.const(w)]) for v, w in zip(numeric, weights, strict=True)]
+    for factor, levels in factors.items():
+        inputs.append(helper.make_tensor_value_info(factor, TensorProto.STRING, [None, 1]))
+        terms.append(
+            g.op(
+                "LabelEncoder",
+                [factor],
+                hint="level_coefficient",
+                domain="ai.onnx.ml",
+                keys_strings=levels,
+                values_floats=by_level[factor],
+                default_float=math.nan,
+            )
+        )
+    eta = g.const(intercept)
+    for term in terms:
+        eta = g.op("Add", [eta, term])
+    return inputs, eta
 
 
 def _binomial_classes(frame: Any) -> list[str]:
@@ -466,7 +544,7 @@ if (kind == "forest") suppressPackageStartupMessages(library(randomForest))
 m <- readRDS(args[1])
 d <- read.csv(args[2], colClasses = "character", check.names = FALSE)
 for (v in names(d)) {
-  lv <- if (kind == "forest") m$forest$xlevels[[v]] else NULL
+  lv <- if (kind == "forest") m$forest$xlevels[[v]] else m$xlevels[[v]]
   d[[v]] <- if (is.character(lv)) factor(d[[v]], levels = lv) else as.numeric(d[[v]])
 }
 if (kind == "forest" && is.null(m$terms)) d <- as.matrix(d)
@@ -477,6 +555,10 @@ if (kind == "forest" && m$type == "classification")  # R's own label: votes over
   cells <- paste(cells, as.character(predict(m, d, type = "response")), sep = "\t")
 writeLines(cells)
 """
+
+
+def _number(cell: str) -> float:
+    return math.nan if cell == "NA" else float(cell)
 
 
 class _RReference:
@@ -509,13 +591,13 @@ class _RReference:
         if done.returncode != 0:
             raise ConversionError(f"R failed to predict with {self._path}: {done.stderr.strip()[-2000:]}")
         lines = [line.split("\t") for line in done.stdout.splitlines() if line]
-        if not self._classes:
-            return {PREDICTION: np.array([float(r[0]) for r in lines], dtype=np.float32)}
+        if not self._classes:  # NA: a factor level the model never saw (the served model answers NaN)
+            return {PREDICTION: np.array([_number(r[0]) for r in lines], dtype=np.float32)}
         if self._kind == "forest":
             probs = np.array([[float(x) for x in r[:-1]] for r in lines], dtype=np.float64)
             names = [r[-1] for r in lines]
         else:  # binomial glm: R gives P(second class); the label is the likelier class
-            p = np.array([float(r[0]) for r in lines], dtype=np.float64)
+            p = np.array([_number(r[0]) for r in lines], dtype=np.float64)
             probs = np.stack([1 - p, p], axis=1)
             names = [self._classes[i] for i in np.argmax(probs, axis=1)]
         labels: np.ndarray = (

@@ -12,10 +12,22 @@ import pytest
 from onnxgate.converters.base import ConversionError
 from onnxgate.converters.rdata import convert_rds
 from tests.converters.helpers import check_published, published, run_cli
+from tests.converters.serving import served, text
 from tests.converters.test_pmml import assert_parity
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ["rf_classifier", "rf_regressor", "rf_matrix", "rf_factor", "lm", "glm_gaussian", "glm_binomial"]
+FIXTURES = [
+    "rf_classifier",
+    "rf_regressor",
+    "rf_matrix",
+    "rf_factor",
+    "lm",
+    "glm_gaussian",
+    "glm_binomial",
+    "lm_factor",
+    "glm_factor",
+    "glm_factor_poisson",
+]
 
 
 def _toolchain_missing() -> str | None:
@@ -96,3 +108,59 @@ def test_published_and_served_through_the_gateway(rds_dir: Path, tmp_path: Path,
     tensor.set_data_from_numpy(rows["input"])
     served = client.infer("mpg", [tensor]).as_numpy("prediction")
     np.testing.assert_allclose(served, native["prediction"], rtol=1e-5, atol=1e-4)
+
+
+def test_factor_predictors_served_as_strings(rds_dir: Path, tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    """A binomial glm with a factor (infert's education: "0-5yrs", "6-11yrs", "12+ yrs") converted with R's
+    own data as the sample, served with the factor as BYTES, answering as R's predict(); an unseen level
+    answers NaN (R's predict() returns NA for it)."""
+    import pandas as pd
+
+    repo = tmp_path / "repo"
+    sample_file = rds_dir / "infert.csv"  # more columns than the model reads, by name
+    assert run_cli(rds_dir / "glm_factor.rds", repo, "infert", "--sample", str(sample_file)) == 0
+    rep = check_published(published(repo, "infert"), "rdata", "classification")
+    assert rep["parity"]["rows"] == 248
+    assert {i["name"]: i["datatype"] for i in rep["inputs"]} == {"age": "FP32", "parity": "FP32", "education": "BYTES"}
+    assert any("a level the model was not fitted with answers NaN" in note for note in rep["notes"])
+
+    frame = pd.read_csv(sample_file).iloc[::10]
+    feeds = {
+        "age": frame[["age"]].to_numpy(np.float32),
+        "parity": frame[["parity"]].to_numpy(np.float32),
+        "education": frame[["education"]].to_numpy(dtype=object),
+    }
+    answers = served(start_gateway, repo, "infert", feeds, ["label", "probabilities"])
+    reference = convert_rds(rds_dir / "glm_factor.rds").predict_native(feeds)  # Rscript: predict(m, d)
+    np.testing.assert_allclose(answers["probabilities"], reference["probabilities"], atol=1e-5)
+    assert text(answers["label"]) == [str(v) for v in reference["label"]]
+    assert len(set(frame["education"])) == 3
+
+
+def test_unseen_factor_level_answers_nan_like_r(rds_dir: Path, tmp_path: Path, start_gateway) -> None:  # type: ignore[no-untyped-def]
+    repo = tmp_path / "repo"
+    assert run_cli(rds_dir / "lm_factor.rds", repo, "mpg") == 0
+    check_published(published(repo, "mpg"), "rdata", "regression")
+    feeds = {
+        "wt": np.array([[2.5], [3.0], [3.5]], dtype=np.float32),
+        "cyl": np.array([["4"], ["12"], ["8"]], dtype=object),  # no car had 12 cylinders
+        "gear": np.array([["3"], ["4"], ["5"]], dtype=object),
+    }
+    answer = served(start_gateway, repo, "mpg", feeds, ["prediction"])["prediction"]
+    reference = convert_rds(rds_dir / "lm_factor.rds").predict_native(feeds)["prediction"]
+    assert np.isnan(answer[1]) and np.isnan(reference[1])
+    np.testing.assert_allclose(answer[[0, 2]], reference[[0, 2]], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("lm_interaction", r"term 'wt:cyl6' is an interaction"),
+        ("lm_inline_factor", r"factor 'factor\(am\)' is computed in the formula"),
+        ("lm_sum_contrasts", r"factor 'cyl' is coded with contr.sum.*contrasts = list\(cyl = 'contr.treatment'\)"),
+    ],
+)
+def test_factor_terms_that_are_refused(rds_dir: Path, tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(ConversionError, match=message):
+        convert_rds(rds_dir / f"{name}.rds")
+    assert run_cli(rds_dir / f"{name}.rds", tmp_path / "repo", "m") == 2
