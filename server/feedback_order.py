@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -56,7 +57,9 @@ class FeedbackIndex:
     """The latest feedback per prediction id, and what was stored, for duplicate checks."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, Row] = {}  # ordered by when a prediction's truth last changed
+        # ordered by when a prediction's truth last changed; an OrderedDict, since the feedback store
+        # forgets from its front (a plain dict would walk past every slot deleted there)
+        self.latest: OrderedDict[str, Row] = OrderedDict()
         self._ids: dict[str, set[str]] = {}  # prediction id -> its stored feedback ids
         self.distinct = 0
         self.duplicates = 0

@@ -23,6 +23,7 @@ import math
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -308,11 +309,13 @@ class Joiner:
         self._done: dict[SegmentKey, int] = {}  # rows consumed per segment
         self._sizes: dict[SegmentKey, int] = {}  # bytes of an open segment when last read
         self._complete: set[SegmentKey] = set()  # rolled and consumed to the end (or older than the window)
-        self._predictions: dict[str, _Prediction] = {}  # in order of arrival: the oldest first
+        # in order of arrival, the oldest first. OrderedDicts: eviction takes the oldest again and again,
+        # and a plain dict walks past every slot deleted at its front to find it (k evictions: k x n)
+        self._predictions: OrderedDict[str, _Prediction] = OrderedDict()
         self._feedback = FeedbackIndex()
         self._contributions: dict[str, tuple[tuple[str, str], Quality]] = {}
         self._quality: dict[tuple[str, str], Quality] = {}
-        self._pending: dict[str, float] = {}  # prediction id -> its feedback's stamp (s)
+        self._pending: OrderedDict[str, float] = OrderedDict()  # prediction id -> its feedback's stamp (s)
         self._newest_us = 0  # the newest prediction time seen: the window ends there
         self._reused = 0
         self.skipped: SkipList = {}  # unreadable files met by the latest round
