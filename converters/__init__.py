@@ -89,6 +89,7 @@ CONVERTERS: dict[str, Converter] = {
     "onnx": _lazy("onnxfile"),
     "pmml": _lazy("pmml"),
     "rdata": _lazy("rdata", "convert_rds"),
+    "spark": _lazy("spark"),
 }
 
 ALIASES = {
@@ -99,6 +100,9 @@ ALIASES = {
     "rds": "rdata",
     "lgbm": "lightgbm",
     "xgb": "xgboost",
+    "sparkml": "spark",
+    "spark-ml": "spark",
+    "pyspark": "spark",
 }
 
 _SUFFIXES = {
@@ -142,6 +146,16 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
+def _is_spark_pipeline(path: Path) -> bool:
+    """What `PipelineModel.write().save()` writes: stages/, and metadata/part-* whose JSON names a Spark ML class."""
+    parts = sorted((path / "metadata").glob("part-*")) if (path / "stages").is_dir() else []
+    if not parts:
+        return False
+    with open(parts[0], "rb") as handle:
+        head = handle.read(4096)
+    return head.lstrip().startswith(b"{") and b'"class":"org.apache.spark.ml.' in head
+
+
 def detect_framework(source: str) -> str:
     """The framework of `source`, from its suffix or its contents; `module:attr` is a PyTorch module."""
     path = Path(source)
@@ -150,7 +164,12 @@ def detect_framework(source: str) -> str:
             return "torch"
         raise ConversionError(f"{source!r} does not exist")
     if path.is_dir():
-        raise ConversionError(f"{source!r} is a directory; give the model file itself")
+        if _is_spark_pipeline(path):
+            return "spark"
+        raise ConversionError(
+            f"{source!r} is a directory; give the model file itself (directories are read only as a Spark ML "
+            "PipelineModel: metadata/ and stages/)"
+        )
     by_suffix = _SUFFIXES.get(path.suffix.lower())
     if by_suffix is not None:
         return by_suffix
@@ -180,8 +199,18 @@ def convert(source: str | Path, framework: str | None = None, options: ConvertOp
 
 
 def source_hash(source: str) -> str:
-    """sha256 of the source file (or, for `module:attr`, of the module's file when there is one)."""
+    """sha256 of the source file (or, for `module:attr`, of the module's file when there is one).
+
+    A directory (a Spark PipelineModel) hashes its files' relative paths and bytes in path order, leaving
+    out Hadoop's .crc checksum files.
+    """
     path = Path(source)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for part in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".crc")):
+            digest.update(str(part.relative_to(path)).encode() + b"\0")
+            digest.update(part.read_bytes())
+        return f"sha256:{digest.hexdigest()}"
     if not path.is_file():
         module = sys.modules.get(source.split(":", 1)[0])
         file = getattr(module, "__file__", None)

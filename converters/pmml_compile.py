@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -114,7 +115,9 @@ def output_fields(ctx: Context, model: ET.Element, result: Result) -> dict[str, 
         elif feature == "transformedValue":
             exprs = [e for e in of if local(e.tag) not in ("Extension", "Decisions", "Value")]
             if len(exprs) == 1:
-                column = expression(scoped, exprs[0]).column
+                # e.g. JPMML-SparkML's MapValues from a label back to Spark's index: left undefined, per above
+                with contextlib.suppress(ConversionError):
+                    column = expression(scoped, exprs[0]).column
         if column is not None:
             defined[name] = Field(column)
             scoped.fields[name] = defined[name]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# PySpark for the Spark export engine (tests/predlog/test_spark_export.py, bench/log_scale.py): the spark
-# extra (pyspark, a ~490 MB wheel) into $VENV, and a Java runtime (Debian's default-jre-headless, as
+# PySpark for the Spark export engine (tests/predlog/test_spark_export.py, bench/log_scale.py) and the Spark ML
+# converter (tests/converters/test_spark.py): the spark extra (pyspark, a ~490 MB wheel, and pyspark2pmml with
+# the JPMML-SparkML jars) into $VENV, and a Java runtime (Debian's default-jre-headless, as
 # .ci/deps/converters-r-java.sh installs it) of version 17 or later, which Spark 4 needs.
 # Idempotent and quiet: installs only what is missing. Run as root; VENV defaults to .venv.
 set -euo pipefail
@@ -18,6 +19,6 @@ if [ -z "$major" ] || [ "$major" -lt 17 ]; then
     exit 1
 fi
 
-if ! "$VENV/bin/python" -c 'import pyspark' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import pyspark, pyspark2pmml' 2>/dev/null; then
     "$VENV/bin/pip" install -q -e '.[spark]'
 fi
