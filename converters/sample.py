@@ -255,7 +255,7 @@ def columns_by_input(
     Columns the model does not read are left out (an id, the target). The learning loop's training
     record maps training data to inputs with the same rule.
     """
-    if len(inputs) == 1 and inputs[0].name not in names and indexed_columns(inputs[0])[0] not in names:
+    if len(inputs) == 1 and inputs[0].name not in names and f"{inputs[0].name}[0]" not in names:
         if not input_columns:
             return None
         wanted = {inputs[0].name: list(input_columns)}
