@@ -85,8 +85,14 @@ def _label(column: str) -> Any:
 
 # name -> (stages, task); every classifier's label is a string column indexed by a StringIndexer
 MODELS: dict[str, tuple[Callable[[], list[Any]], str]] = {
-    "logistic_binary": (lambda: [*_one_hot(), _label("churn"), LogisticRegression(regParam=0.01)], "classification"),
-    "logistic_multiclass": (lambda: [*_one_hot(), _label("tier"), LogisticRegression(regParam=0.01)], "classification"),
+    "logistic_binary": (
+        lambda: [*_one_hot(), _label("churn"), LogisticRegression(regParam=0.01, maxIter=30)],
+        "classification",
+    ),
+    "logistic_multiclass": (
+        lambda: [*_one_hot(), _label("tier"), LogisticRegression(regParam=0.01, maxIter=30)],
+        "classification",
+    ),
     "forest_classifier": (
         lambda: [*_indexed(), _label("tier"), RandomForestClassifier(numTrees=12, maxDepth=4, seed=1)],
         "classification",
