@@ -18,6 +18,7 @@ elements, e.g. skl2onnx's `label` rather than `probabilities`):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import sys
@@ -254,10 +255,12 @@ class Snapshot:
     quality: dict[tuple[str, str], Quality]
     predictions: int  # distinct prediction ids in the window
     joined: int
-    pending: list[str]  # feedback without its prediction, younger than unknown_after_s
+    pending: list[str]  # feedback without its prediction, younger than unknown_after_s (at most SNAPSHOT_IDS)
     unknown: list[str]  # ... older
     duplicates: int
     reused: int  # prediction ids in the window that several logged predictions carry
+    pending_count: int = 0
+    unknown_count: int = 0
     at: float = field(default_factory=time.time)
 
 
@@ -477,10 +480,18 @@ class Joiner:
             self._feedback.forget(pid)
 
     def _snapshot(self, now: float) -> Snapshot:
-        pending: list[str] = []
+        # waiting feedback is in the order it began to wait: the unknown ones (waited longest) come first,
+        # so counting them stops at the first younger one; the lists keep at most SNAPSHOT_IDS ids each
         unknown: list[str] = []
+        unknown_count = 0
         for pid, stamp in self._pending.items():
-            (unknown if now - stamp >= self.unknown_after_s else pending).append(pid)
+            if now - stamp < self.unknown_after_s:
+                break
+            unknown_count += 1
+            if len(unknown) < SNAPSHOT_IDS:
+                unknown.append(pid)
+        pending_count = len(self._pending) - unknown_count
+        pending = list(itertools.islice(reversed(self._pending), min(pending_count, SNAPSHOT_IDS)))
         quality = {key: dataclasses.replace(q) for key, q in self._quality.items()}
         return Snapshot(
             quality,
@@ -490,6 +501,8 @@ class Joiner:
             sorted(unknown),
             self._feedback.duplicates,
             self._reused,
+            pending_count=pending_count,
+            unknown_count=unknown_count,
         )
 
     def _run(self) -> None:
@@ -502,6 +515,7 @@ class Joiner:
 
 SegmentKey = tuple[str, str | None, str, int]
 CHUNK_ROWS = 10_000
+SNAPSHOT_IDS = 1000
 
 
 def _micros(ts: datetime) -> int:
@@ -571,8 +585,8 @@ class QualityCollector(Collector):
                     value = q.joined if key == "joined" else getattr(q, key)
                     if value is not None:
                         fam.add_metric([model, version], value)
-            pending.add_metric([], len(snap.pending))
-            unknown.add_metric([], len(snap.unknown))
+            pending.add_metric([], snap.pending_count)
+            unknown.add_metric([], snap.unknown_count)
             duplicates.add_metric([], snap.duplicates)
             reused.add_metric([], snap.reused)
             window.add_metric([], snap.predictions)
