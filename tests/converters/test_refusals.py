@@ -148,8 +148,8 @@ def test_unsupported_model_types(tmp_path: Path) -> None:
     ranker.save_model(tmp_path / "ranker.json")
     with pytest.raises(ConversionError, match="objective 'rank:pairwise' is not supported"):
         convert(tmp_path / "ranker.json")
-    with pytest.raises(ConversionError, match="unknown framework 'spark'"):
-        convert(tmp_path / "ranker.json", framework="spark")
+    with pytest.raises(ConversionError, match="unknown framework 'keras'"):
+        convert(tmp_path / "ranker.json", framework="keras")
 
 
 def test_missing_optional_dependency_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
