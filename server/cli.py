@@ -55,6 +55,10 @@ SUBCOMMANDS = {
     "learn": ("onnxgate.learning.learn", "keep retraining models when labels, quality or drift say so"),
     "models": ("onnxgate.learning.models", "show a model's versions, lineage, decisions and drift"),
     "demo": ("onnxgate.learning.demo", "run the learning loop on this machine: `onnxgate demo drift`"),
+    "evaluate": (
+        "onnxgate.learning.offpolicy",
+        "estimate from the logs what a version would have scored on live traffic",
+    ),
 }
 
 
