@@ -266,7 +266,7 @@ def join_child(log_dir: Path, window_s: float, max_predictions: int) -> int:
             "segments_read": joiner.segments_read - segments,
             "window": snap.predictions,
             "joined": snap.joined,
-            "pending": len(snap.pending) + len(snap.unknown),
+            "pending": snap.pending_count + snap.unknown_count,
         }
         print(json.dumps(result), flush=True)
 
