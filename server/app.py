@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
+from onnxgate.server.experiments import Experiments, RoutingCollector
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.logfiles import LogFiles
@@ -68,6 +69,8 @@ class Gateway:
         )
         self.registry = CollectorRegistry()
         self.registry.register(GatewayCollector(self.repository, self.state))
+        self.registry.register(RoutingCollector(self.repository))
+        self.experiments = Experiments(self.repository)
         # the prediction log, feedback and their join (server/predlog.py): only with predlog_dir set
         self.predlog: PredictionLog | None = None
         self.feedback: FeedbackStore | None = None
@@ -100,6 +103,7 @@ class Gateway:
             )
             self.feedback = FeedbackStore(predlog_settings, known=self.joiner.known)
             self.joiner.on_feedback = self.feedback.observe
+            self.joiner.on_round = self.experiments.on_round
             self.registry.register(PredLogCollector(self.predlog, self.feedback))
             self.registry.register(QualityCollector(self.joiner))
             self.adopter = Adopter(

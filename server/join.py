@@ -327,6 +327,8 @@ class Joiner:
         self.last_round_s = 0.0
         # the feedback store's observe(): every round tells it the new feedback other replicas stored
         self.on_feedback: Callable[[list[Row]], None] | None = None
+        # live experiments (server/experiments.py): every round's snapshot, on this thread, after the round
+        self.on_round: Callable[[Snapshot], None] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.snapshot: Snapshot | None = None
@@ -370,7 +372,13 @@ class Joiner:
             self._evict(now)
             self.snapshot = self._snapshot(now)
             self.last_round_s = time.perf_counter() - started
-            return self.snapshot
+            snapshot = self.snapshot
+        if self.on_round is not None:
+            try:
+                self.on_round(snapshot)
+            except Exception:  # the join's metrics must not stop for an experiment's failure
+                log.exception("live experiments failed on the join round")
+        return snapshot
 
     def _take(self, kind: str, rows: list[Row], now: float) -> None:
         """One chunk of new rows. A chunk at a time, evicting as it goes, so that catching up with a large

@@ -97,6 +97,22 @@ class ModelVersion:
         self.stats.record_request(rows, time.monotonic_ns() - start + decode_ns, queue_ns, decode_ns, infer_ns, 0)
         return outputs
 
+    async def infer_on_executor(self, request: InferRequest) -> Tensors:
+        """A shadow run: always on the executor (never inline on the event loop, never in the champion's
+        batches), every output, no classification; counted in this version's statistics."""
+        rows = self._check_inputs(request.inputs)
+        start = time.monotonic_ns()
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, infer_ns = await loop.run_in_executor(
+                self.executor, self._run_here, request.inputs, self._output_names, rows
+            )
+        except BaseException:
+            self.stats.record_failure(time.monotonic_ns() - start)
+            raise
+        self.stats.record_request(rows, time.monotonic_ns() - start, 0, 0, infer_ns, 0)
+        return outputs
+
     def _outputs_of(self, request: InferRequest) -> list[str]:
         if not request.outputs:
             return self._output_names

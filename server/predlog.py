@@ -13,8 +13,11 @@ Layout (one directory per replica, so replicas sharing a volume never coordinate
     <log_dir>/<replica_id>/<model>/predictions-<seq>.arrows|parquet
     <log_dir>/<replica_id>/feedback-<seq>.arrows|parquet          (server/feedback.py)
 
-A prediction row: id, model, version, ts (UTC), replica, and per tensor two list columns,
-`input.<name>` (the flattened values) and `input.<name>.shape` (likewise `output.<name>`).
+A prediction row: id, model, version, ts (UTC), replica, route and propensity (server/routing.py: why
+this version answered and the probability it had of being chosen), and per tensor two list columns,
+`input.<name>` (the flattened values) and `input.<name>.shape` (likewise `output.<name>`). A request a
+shadow version also scored carries `shadow_version` and its outputs as `shadow.output.<name>` (+ `.shape`)
+in the same row: one row per prediction id.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"
 INPUT_PREFIX = "input."
 OUTPUT_PREFIX = "output."
+SHADOW_OUTPUT_PREFIX = "shadow.output."
 SHAPE_SUFFIX = ".shape"
 META_COLUMNS = ("id", "model", "version", "ts", "replica")
 
@@ -183,6 +187,10 @@ class Prediction(NamedTuple):
     ts_ns: int
     inputs: Mapping[str, np.ndarray]
     outputs: Mapping[str, np.ndarray]
+    route: str = "latest"
+    propensity: float = 1.0
+    shadow_version: str | None = None
+    shadow_outputs: Mapping[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -227,6 +235,10 @@ class PredictionLog:
         version: str,
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
+        route: str = "latest",
+        propensity: float = 1.0,
+        shadow_version: str | None = None,
+        shadow_outputs: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Queue one prediction for the log; never blocks, never raises for a full queue."""
         rate = self._rates.get(model, self._default_rate)
@@ -235,7 +247,20 @@ class PredictionLog:
                 self.sampled_out += 1
             return
         try:
-            self._queue.put_nowait(Prediction(request_id, model, version, time.time_ns(), inputs, outputs))
+            self._queue.put_nowait(
+                Prediction(
+                    request_id,
+                    model,
+                    version,
+                    time.time_ns(),
+                    inputs,
+                    outputs,
+                    route,
+                    propensity,
+                    shadow_version,
+                    shadow_outputs,
+                )
+            )
         except queue.Full:
             with self._count_lock:
                 self.dropped += 1
@@ -399,6 +424,8 @@ def build_batch(records: list[Prediction], policy: ModelLogPolicy, replica: str)
         "version": pa.array([r.version for r in records], pa.string()),
         "ts": pa.array([r.ts_ns // 1000 for r in records], pa.timestamp("us", tz="UTC")),
         "replica": pa.array([replica] * len(records), pa.string()),
+        "route": pa.array([r.route for r in records], pa.string()),
+        "propensity": pa.array([r.propensity for r in records], pa.float64()),
     }
     if policy.log_inputs:
         names = _names(r.inputs for r in records)
@@ -407,6 +434,11 @@ def build_batch(records: list[Prediction], policy: ModelLogPolicy, replica: str)
     if policy.log_outputs:
         for name in sorted(_names(r.outputs for r in records)):
             _add_tensor(columns, OUTPUT_PREFIX + name, [r.outputs.get(name) for r in records])
+        if any(r.shadow_version is not None for r in records):
+            columns["shadow_version"] = pa.array([r.shadow_version for r in records], pa.string())
+            shadows = [r.shadow_outputs or {} for r in records]
+            for name in sorted(_names(iter(shadows))):
+                _add_tensor(columns, SHADOW_OUTPUT_PREFIX + name, [s.get(name) for s in shadows])
     return pa.record_batch(columns)
 
 
@@ -511,4 +543,17 @@ def model_dirs(log_dir: Path, models: Collection[str] | None = None, skipped: Sk
                 yield model_dir
 
 
-Recorder = Callable[[str, str, str, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], None]
+Recorder = Callable[
+    [
+        str,
+        str,
+        str,
+        Mapping[str, np.ndarray],
+        Mapping[str, np.ndarray],
+        str,
+        float,
+        str | None,
+        Mapping[str, np.ndarray] | None,
+    ],
+    None,
+]

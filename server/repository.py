@@ -33,6 +33,7 @@ from onnxgate.server.modelspec import (
     version_policy,
 )
 from onnxgate.server.pb import model_config_pb2 as mc
+from onnxgate.server.routing import Router, check_versions, routing_config
 from onnxgate.server.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Served:
     fingerprints: Mapping[int, Fingerprint]
     failures: Mapping[int, str] = field(default_factory=dict)
     error: str = ""  # model-level failure, e.g. a config.pbtxt that does not parse
+    router: Router | None = None  # which version answers a request naming none (server/routing.py)
+    config_fp: Fingerprint = ()  # the model-level config.pbtxt when loaded: a rollback's pin lasts while it does
 
     @property
     def latest(self) -> ModelVersion | None:
@@ -113,6 +116,19 @@ class Repository:
                 f"{', '.join(map(str, sorted(served.versions)))}"
             )
         return found
+
+    def route(self, name: str) -> tuple[ModelVersion, str, float, Router | None]:
+        """The version answering a request that names none: (version, route, propensity, router)."""
+        served = self._models.get(name)
+        if served is None or not served.versions:
+            raise self._not_serving(name, served)
+        router = served.router
+        if router is None:
+            latest = served.latest
+            assert latest is not None
+            return latest, "latest", 1.0, None
+        version, route, propensity = router.choose()
+        return version, route, propensity, router
 
     def served(self, name: str) -> Served:
         served = self._models.get(name)
@@ -187,6 +203,8 @@ class Repository:
             served = await self._load_model(name)
         if not served.versions:
             raise Unavailable(f"model {name!r} failed to load: {served.error or dict(served.failures)}")
+        if served.error:  # e.g. a bad routing config: the versions loaded before serve on, unchanged
+            raise FailedPrecondition(f"model {name!r} failed to load: {served.error}; what was served is kept")
 
     async def unload(self, name: str) -> None:
         if self.control_mode == "poll":
@@ -209,11 +227,9 @@ class Repository:
         config_path = model_dir / CONFIG_FILE
         try:
             model_config = read_config(config_path) if config_path.is_file() else None
+            routing = routing_config(name, model_config)
         except ConfigError as e:
-            log.error("model %s: %s; keeping what was served", name, e)
-            served = Served(name, previous.versions, previous.fingerprints, previous.failures, str(e))
-            self._models[name] = served
-            return served
+            return self._keep_previous(name, previous, str(e))
         policy = version_policy(model_config or mc.ModelConfig())
         model_file = (model_config.default_model_filename if model_config else "") or "model.onnx"
         available = [
@@ -247,7 +263,35 @@ class Repository:
             for version, mv in previous.versions.items():
                 if version not in versions and version not in failures:
                     versions[version], fingerprints[version] = mv, previous.fingerprints[version]
-        served = Served(name, versions, fingerprints, failures)
+        try:
+            check_versions(name, routing, list(versions))
+        except ConfigError as e:
+            return self._keep_previous(name, previous, str(e))
+        router = previous.router
+        if router is None or router.config != routing or router.versions != versions or previous.config_fp != model_fp:
+            # rebuilt when anything it routes between changed; its counters and (same config file) a
+            # rollback's pin carry over
+            old, new = max(previous.versions, default=None), max(versions, default=None)
+            # a promotion: a newer version became the latest while the one it replaces still serves
+            promoted = (new, old) if old is not None and new is not None and new > old and old in versions else None
+            router = Router(
+                name, routing, versions, previous.router, keep_pin=previous.config_fp == model_fp, promoted=promoted
+            )
+        served = Served(name, versions, fingerprints, failures, router=router, config_fp=model_fp)
+        self._models[name] = served
+        return served
+
+    def _keep_previous(self, name: str, previous: Served, error: str) -> Served:
+        log.error("model %s: %s; keeping what was served", name, error)
+        served = Served(
+            name,
+            previous.versions,
+            previous.fingerprints,
+            previous.failures,
+            error,
+            router=previous.router,
+            config_fp=previous.config_fp,
+        )
         self._models[name] = served
         return served
 

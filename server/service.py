@@ -7,6 +7,7 @@ code and message; anything else is a bug on our side: logged with its trace, ans
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -17,13 +18,15 @@ import grpc
 
 from onnxgate import __version__
 from onnxgate.server.errors import GatewayError, Internal, InvalidArgument, ResourceExhausted, Unavailable
+from onnxgate.server.model import ModelVersion, Tensors
 from onnxgate.server.modelspec import PLATFORM
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.predlog import Recorder
 from onnxgate.server.repository import Repository
+from onnxgate.server.routing import EXPLICIT, Router
 from onnxgate.server.stats import Duration, VersionStats
-from onnxgate.server.tensors import decode_request, encode_response
+from onnxgate.server.tensors import InferRequest, decode_request, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ class State:
     def __init__(self, max_inflight: int) -> None:
         self.max_inflight = max_inflight
         self.inflight = 0
+        self.shadows = 0  # shadow runs in flight (server/routing.py): spare capacity only
+        # a shadow run is dropped while more requests than this are in flight, or as many shadow runs
+        self.shadow_max_inflight = max(1, max_inflight // 4)
         self.ready = False
         self.draining = False
 
@@ -69,6 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository = repository
         self.state = state
         self.record = record  # PredictionLog.record when the prediction log is on: a non-blocking put
+        self._shadow_tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     @grpc_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -118,20 +125,76 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             t0 = time.monotonic_ns()
             infer = decode_request(request)
             decode_ns = time.monotonic_ns() - t0
-            version = self.repository.get(infer.model, infer.version)
+            router: Router | None = None
+            if infer.version:  # a request naming its version always gets it
+                version, route, propensity = self.repository.get(infer.model, infer.version), EXPLICIT, 1.0
+            else:
+                version, route, propensity, router = self.repository.route(infer.model)
             outputs = await version.infer(infer, decode_ns)
             t1 = time.monotonic_ns()
             response = encode_response(infer.model, version.version_str, infer.id, outputs)
             version.stats.record_output(time.monotonic_ns() - t1)
+            shadow = router.shadow_for(version) if router is not None else None
+            if shadow is not None and router is not None:
+                if state.inflight > state.shadow_max_inflight or state.shadows >= state.shadow_max_inflight:
+                    router.stats.shadow_dropped += 1  # busy: the shadow goes first, the champion is never slowed
+                else:
+                    # the record waits for the shadow's outputs: one row per request, both versions' answers
+                    state.shadows += 1
+                    task = asyncio.get_running_loop().create_task(
+                        self._shadow(router, shadow, infer, version, outputs, route, propensity)
+                    )
+                    self._shadow_tasks.add(task)
+                    task.add_done_callback(self._shadow_tasks.discard)
+                    return response
             if self.record is not None:
                 # keyed by the request's id (generated when the client sent none): feedback refers to it
-                self.record(infer.id, infer.model, version.version_str, infer.inputs, outputs)
+                self.record(
+                    infer.id, infer.model, version.version_str, infer.inputs, outputs, route, propensity, None, None
+                )
             return response
         finally:
             state.inflight -= 1
 
     # the hot path: one coroutine frame less than a method that awaits _infer
     ModelInfer = grpc_errors(_infer)
+
+    async def _shadow(
+        self,
+        router: Router,
+        shadow: ModelVersion,
+        infer: InferRequest,
+        champion: ModelVersion,
+        outputs: Tensors,
+        route: str,
+        propensity: float,
+    ) -> None:
+        """Score the request with the shadow version after the response went out; log both in one row."""
+        shadow_outputs: Tensors | None = None
+        try:
+            await asyncio.sleep(0)  # let the handler return and the response be sent first
+            shadow_outputs = await shadow.infer_on_executor(infer)
+        except Exception as e:  # the client has its answer; a failing shadow only loses its own outputs
+            log.warning("model %s: shadow version %s failed: %s", infer.model, shadow.version, e)
+            router.stats.shadow_dropped += 1
+        finally:
+            self.state.shadows -= 1
+        if shadow_outputs is not None:
+            router.stats.shadow_runs[shadow.version_str] += 1
+            if _primary_differs(outputs, shadow_outputs):
+                router.stats.shadow_disagreements[shadow.version_str] += 1
+        if self.record is not None:
+            self.record(
+                infer.id,
+                infer.model,
+                champion.version_str,
+                infer.inputs,
+                outputs,
+                route,
+                propensity,
+                shadow.version_str if shadow_outputs is not None else None,
+                shadow_outputs,
+            )
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -207,6 +270,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _primary_differs(champion: Tensors, shadow: Tensors) -> bool:
+    """Whether the primary outputs differ: the output with the fewest elements, as the live join compares
+    with the truth (server/join.py primary_output)."""
+    if not champion:
+        return False
+    name = min(champion, key=lambda n: (champion[n].size, n))
+    other = shadow.get(name)
+    return other is None or other.shape != champion[name].shape or not bool((other == champion[name]).all())
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:

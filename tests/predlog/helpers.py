@@ -19,16 +19,22 @@ def settings(log_dir: Path, replica: str = "r1", **overrides: object) -> PredLog
 
 
 def record_iris(
-    log: PredictionLog, pid: str, features: list[float], label: int, version: str = "1", model: str = "iris"
+    log: PredictionLog,
+    pid: str,
+    features: list[float],
+    label: int,
+    version: str = "1",
+    model: str = "iris",
+    shadow: str | None = None,
 ) -> None:
+    """One iris prediction; `shadow`: a shadow version's run logged in the same row (a split route)."""
     x = np.asarray([features], dtype=np.float32)
-    log.record(
-        pid,
-        model,
-        version,
-        {"x": x},
-        {"label": np.array([label], np.int64), "probabilities": np.full((1, 3), 1 / 3, np.float32)},
-    )
+    outputs = {"label": np.array([label], np.int64), "probabilities": np.full((1, 3), 1 / 3, np.float32)}
+    if shadow is None:
+        log.record(pid, model, version, {"x": x}, outputs)
+        return
+    shadow_outputs = {"label": np.array([(label + 1) % 3], np.int64), "probabilities": outputs["probabilities"]}
+    log.record(pid, model, version, {"x": x}, outputs, "split", 0.5, shadow, shadow_outputs)
 
 
 def rows(directory: Path, kind: str = "predictions") -> int:

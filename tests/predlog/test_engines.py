@@ -52,7 +52,11 @@ def _library_log(tmp_path: Path) -> tuple[float, list[PredictionLog]]:
     log1, log2 = PredictionLog(s1), PredictionLog(s2)
     fb1, fb2 = FeedbackStore(s1), FeedbackStore(s2)  # neither reads the other's feedback from here on
     for i in range(12):
-        record_iris(log1 if i % 2 else log2, f"p{i}", [i, i + 0.5, 0, 1], i % 3, version="1" if i < 6 else "2")
+        # p3 and p9 were shadowed: shadow.* columns in some segments, none in others
+        shadow = "2" if i in (3, 9) else None
+        record_iris(
+            log1 if i % 2 else log2, f"p{i}", [i, i + 0.5, 0, 1], i % 3, version="1" if i < 6 else "2", shadow=shadow
+        )
     record_iris(log1, "reused", [1, 0, 0, 0], 0)
     time.sleep(0.01)
     record_iris(log2, "reused", [0, 2, 0, 0], 1, version="2")  # the latest: it joins
@@ -153,6 +157,9 @@ def test_duckdb_equals_arrow_on_a_library_written_log(tmp_path: Path) -> None:
         assert rows["reused"]["x_1"] == 2.0 and rows["reused"]["version"] == "2"
         assert rows["p8"]["reward"] == 0.5 and rows["p9"]["truth_value"] == 2.0
         assert iris.column_names[4:10] == ["x_0", "x_1", "x_2", "x_3", "prediction", "output_probabilities_0"]
+        # the served answers only: routing and shadow columns are the log's, left out by every engine
+        assert not [c for c in iris.column_names if c.startswith(("shadow", "route", "propensity"))]
+        assert rows["p3"]["prediction"] == 0 and rows["p9"]["prediction"] == 0
         assert iris["predicted_at"].to_pylist() == sorted(iris["predicted_at"].to_pylist())
         assert reg["truth_y_1"].to_pylist() == [4.0, None, 2.0] and reg["prediction_0"].type == pa.float64()
         summary = logquery.report(LogFiles.at(tmp_path), unknown_after_s=0.3, now=now)
