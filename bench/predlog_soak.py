@@ -40,11 +40,11 @@ def rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def start_server(repo: Path, log_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(repo: Path, log_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     cmd = [
         sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(repo), "--grpc-port", "0",
         "--metrics-port", "-1", "--predlog-dir", str(log_dir), "--predlog-replica-id", "soak",
-        "--predlog-join-interval-s", "5", "--predlog-segment-max-age-s", "60",
+        "--predlog-join-interval-s", "5", "--predlog-segment-max-age-s", "60", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert process.stderr is not None
@@ -86,11 +86,14 @@ def main() -> None:
     ap.add_argument("--feedback-every", type=int, default=10)
     ap.add_argument("--sample-s", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument(
+        "--server-args", default="", help="more `onnxgate serve` flags, e.g. '--predlog-join-max-predictions 50000'"
+    )
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         repo = argmax_repository(Path(tmp) / "repo")
-        process, address = start_server(repo, Path(tmp) / "log")
+        process, address = start_server(repo, Path(tmp) / "log", a.server_args.split())
         done = [0]
         samples: list[tuple[float, int, float]] = []
         started = time.monotonic()
