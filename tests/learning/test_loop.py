@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from tests.conftest import GatewayHandle
 from tests.learning.test_recipes import _R_GLM, _rscript
 
 
-def _convert(tmp_path: Path, frame: pd.DataFrame, name: str = "m") -> Path:
+def _convert(tmp_path: Path, frame: pd.DataFrame, name: str = "m", recipe: str = "sklearn") -> Path:
+    """A logistic regression trained on `frame`, converted with its recipe and training data."""
     import joblib
     from sklearn.linear_model import LogisticRegression
 
@@ -35,8 +37,18 @@ def _convert(tmp_path: Path, frame: pd.DataFrame, name: str = "m") -> Path:
     joblib.dump(LogisticRegression().fit(frame[FEATURES], frame["y"]), tmp_path / "model.joblib")
     repo = tmp_path / "repo"
     args = ["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--name", name]
-    assert onnxgate([*args, "--recipe", "sklearn", "--training-data", str(tmp_path / "base.csv"), "--target", "y"]) == 0
+    assert onnxgate([*args, "--recipe", recipe, "--training-data", str(tmp_path / "base.csv"), "--target", "y"]) == 0
     return repo
+
+
+@contextlib.contextmanager
+def _importable(directory: Path) -> Iterator[None]:
+    """A user-function recipe's module on sys.path (as a user's PYTHONPATH would put it)."""
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
 
 
 def _stream(address: str, model: str, frame: pd.DataFrame, labels: np.ndarray | None = None) -> None:
@@ -155,21 +167,9 @@ def test_a_crash_in_the_middle_of_a_retrain_leaves_the_repository_as_it_was(
     tmp_path: Path, start_gateway: Callable[..., GatewayHandle]
 ) -> None:
     rng = np.random.default_rng(6)
-    base = concept("A", 600, rng)
-    base.to_csv(tmp_path / "base.csv", index=False)
-    import joblib
-    from sklearn.linear_model import LogisticRegression
-
-    joblib.dump(LogisticRegression().fit(base[FEATURES], base["y"]), tmp_path / "model.joblib")
     (tmp_path / "slow_recipe.py").write_text(_SLOW_RECIPE)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        repo = tmp_path / "repo"
-        assert onnxgate(["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--name", "m",
-                         "--recipe", "python:slow_recipe:train", "--training-data", str(tmp_path / "base.csv"),
-                         "--target", "y"]) == 0  # fmt: skip
-    finally:
-        sys.path.remove(str(tmp_path))
+    with _importable(tmp_path):
+        repo = _convert(tmp_path, concept("A", 600, rng), recipe="python:slow_recipe:train")
     gw = _serve(start_gateway, repo, tmp_path / "log")
     _stream(gw.address, "m", concept("B", 200, rng))
     _flush(gw)
@@ -259,28 +259,16 @@ def train(X, y, previous_model):
 def test_a_failing_recipe_is_a_recorded_failure_and_publishes_nothing(
     tmp_path: Path, start_gateway: Callable[..., GatewayHandle], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import joblib
-    from sklearn.linear_model import LogisticRegression
-
     rng = np.random.default_rng(9)
-    base = concept("A", 400, rng)
-    base.to_csv(tmp_path / "base.csv", index=False)
-    joblib.dump(LogisticRegression().fit(base[FEATURES], base["y"]), tmp_path / "model.joblib")
     (tmp_path / "broken_recipe.py").write_text(_BROKEN_RECIPE)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        repo = tmp_path / "repo"
-        assert onnxgate(["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--name", "m",
-                         "--recipe", "python:broken_recipe:train", "--training-data", str(tmp_path / "base.csv"),
-                         "--target", "y"]) == 0  # fmt: skip
+    with _importable(tmp_path):
+        repo = _convert(tmp_path, concept("A", 400, rng), recipe="python:broken_recipe:train")
         # an explicit-mode gateway: it loads only what it is told to
         gw = start_gateway(repo, model_control_mode="explicit", load_model=("m",), predlog_dir=str(tmp_path / "log"))
         _stream(gw.address, "m", concept("B", 200, rng))
         _flush(gw)
         args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
         assert onnxgate([*args, "--min-rows", "100", "--gateway", gw.address]) == 1
-    finally:
-        sys.path.remove(str(tmp_path))
     out = capsys.readouterr().out
     assert "failed" in out and "the feature store is down" in out
     [decision] = decisions.read(repo / "m")
