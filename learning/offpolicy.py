@@ -48,7 +48,7 @@ from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SH
 from onnxgate.server.segments import SkipList
 
 SHADOW_OUTPUT_PREFIX = "shadow." + OUTPUT_PREFIX
-ROUTED = ("latest", "split", "bandit")  # routes the router chose; "explicit" requests named their version
+ROUTED = ("latest", "split", "bandit", "pinned")  # routes the router chose; "explicit" requests named their version
 Metric = Literal["accuracy", "mse"]
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95

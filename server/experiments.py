@@ -5,9 +5,13 @@ The joiner (server/join.py) calls `Experiments.on_round(snapshot)` from its thre
   never per request;
 - a promoted version (a newer version became the latest while the one it replaced still serves) is
   watched: once its live accuracy over the quality window is significantly worse than the replaced
-  version's, the router serves the replaced version as `latest` again (until the model's config.pbtxt
+  version's, the router pins the replaced version for every route (until the model's config.pbtxt
   changes), the decision is appended to `<model>/decisions.jsonl` (outcome "rolled back") and the
-  metrics say so.
+  metrics say so;
+- with `routing.promote = "true"` (split or bandit routing), a challenger whose live accuracy is
+  significantly better than the champion's (the same test, one-sided the other way) is pinned as the
+  version answering every request that names none (until the model's config.pbtxt changes), the decision
+  is appended (outcome "promoted"), and the promoted version is watched like any promotion.
 
 The test is unpaired: live traffic is not scored by both versions (each request has one answer), so the
 learning loop's paired tests (McNemar, paired bootstrap) do not apply. It is the one-sided two-proportion
@@ -39,6 +43,7 @@ ROLLBACK_ALPHA = 0.05  # the learning loop's default significance (learning/retr
 ROLLBACK_MIN_ROWS = 30  # labelled predictions per version before anything is concluded
 DECISIONS_FILE = "decisions.jsonl"  # the learning loop's decision log (learning/decisions.py), same format
 ROLLED_BACK = "rolled back"
+PROMOTED = "promoted"
 
 
 def successes(q: Quality | None) -> tuple[float, float]:
@@ -81,8 +86,38 @@ class Experiments:
             if router.config.kind == BANDIT:
                 counts = {v: successes(snapshot.quality.get((served.name, str(v)))) for v in router.versions}
                 router.update_bandit(counts)
-            if router.watch is not None and router.pinned is None:
+            # a promoted version is watched, whether it answers by being the latest or by a live promotion's pin
+            if router.watch is not None and router.pinned in (None, router.watch[0]):
                 self._watch(served.name, router, snapshot)
+            if router.config.promote and router.pinned is None:
+                self._promote(served.name, router, snapshot)
+
+    def _promote(self, name: str, router: Router, snapshot: Snapshot) -> None:
+        champion = router.champion()
+        if champion is None:
+            return
+        q_old = snapshot.quality.get((name, str(champion)))
+        best: tuple[float, float, float, int] | None = None
+        for challenger in router.challengers():
+            # better: the champion significantly worse than the challenger
+            result = worse(successes(q_old), successes(snapshot.quality.get((name, str(challenger)))))
+            if result is not None and result[0] < ROLLBACK_ALPHA and (best is None or result[0] < best[0]):
+                best = (*result, challenger)
+        if best is None:
+            return
+        p_value, rate_old, rate_new, new = best
+        q_new = snapshot.quality.get((name, str(new)))
+        what = "accuracy" if (q_new and q_new.labelled) else "mean reward"
+        reason = (
+            f"live {what} of version {new} {rate_new:.3f} is significantly better than version {champion}'s "
+            f"{rate_old:.3f} (two-proportion z-test, one-sided p={p_value:.2g} < {ROLLBACK_ALPHA}); version "
+            f"{new} answers every request naming no version until the model's config changes"
+        )
+        router.pin(new)
+        router.watch = (new, champion)  # the rollback watch applies to the promoted version
+        router.stats.promotions += 1
+        log.warning("model %s promoted version %s over %s: %s", name, new, champion, reason)
+        self._record(name, PROMOTED, reason, new, champion, q_new, q_old, "p_value_better", p_value, rate_new, rate_old)
 
     def _watch(self, name: str, router: Router, snapshot: Snapshot) -> None:
         assert router.watch is not None
@@ -106,16 +141,33 @@ class Experiments:
         router.stats.rollbacks += 1
         router.stats.last_rollback = (str(new), str(old), reason)
         log.warning("model %s rolled back from version %s to %s: %s", name, new, old, reason)
+        self._record(name, ROLLED_BACK, reason, new, old, q_new, q_old, "p_value_worse", p_value, rate_new, rate_old)
+
+    def _record(
+        self,
+        name: str,
+        outcome: str,
+        reason: str,
+        new: int,
+        old: int,
+        q_new: Quality | None,
+        q_old: Quality | None,
+        p_key: str,
+        p_value: float,
+        rate_new: float,
+        rate_old: float,
+    ) -> None:
+        what = "accuracy" if (q_new and q_new.labelled) else "mean reward"
         decision = {
             "model": name,
-            "outcome": ROLLED_BACK,
+            "outcome": outcome,
             "reason": reason,
             "champion": str(old),
             "version": str(new),
             "test": {
                 "test": "two_proportion_z",
                 "metric": what,
-                "p_value_worse": p_value,
+                p_key: p_value,
                 "challenger": rate_new,
                 "champion": rate_old,
                 "n": {str(new): sum(successes(q_new)), str(old): sum(successes(q_old))},
@@ -127,8 +179,8 @@ class Experiments:
         }
         try:
             _append(self.repository.root / name, decision)
-        except OSError as e:  # the rollback stands; only its record is lost, and the log says so
-            log.error("model %s: the rollback could not be written to %s: %s", name, DECISIONS_FILE, e)
+        except OSError as e:  # the decision stands; only its record is lost, and the log says so
+            log.error("model %s: the decision (%s) could not be written to %s: %s", name, outcome, DECISIONS_FILE, e)
 
 
 class RoutingCollector(Collector):
@@ -188,14 +240,21 @@ class RoutingCollector(Collector):
             "The latest rollback of each model (value 1): from which version, to which, and why",
             labels=["model", "from", "to", "reason"],
         )
+        promotions = CounterMetricFamily(
+            "onnxgate_live_promotions",
+            "Challengers promoted on live evidence (routing.promote)",
+            labels=["model"],
+        )
         for served in self.repository.all_served():
             router = served.router
             if router is None:
                 continue
             rollbacks.add_metric([served.name], router.stats.rollbacks)
+            if router.config.promote or router.stats.promotions:
+                promotions.add_metric([served.name], router.stats.promotions)
             if router.stats.last_rollback is not None:
                 info.add_metric([served.name, *router.stats.last_rollback], 1)
-        yield from (requests, share, runs, dropped, disagreement, posterior, rollbacks, info)
+        yield from (requests, share, runs, dropped, disagreement, posterior, rollbacks, info, promotions)
 
 
 def _append(model_dir: Path, decision: dict[str, object]) -> None:

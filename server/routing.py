@@ -9,6 +9,7 @@ configs stay valid):
     parameters { key: "routing.shadow_rate"  value { string_value: "0.5" } }     # shadow: share scored (1)
     parameters { key: "routing.bandit_floor" value { string_value: "0.05" } }    # bandit: least share (0.05)
     parameters { key: "routing.seed"         value { string_value: "7" } }       # the draws' seed (random)
+    parameters { key: "routing.promote"      value { string_value: "true" } }    # promote on live evidence
 
 A request that names a version always gets it (route "explicit"). The choice on the hot path is one
 draw against a precomputed cumulative weight table (`RouteTable`): microseconds. The bandit's table is
@@ -38,8 +39,17 @@ SPLIT = "split"
 SHADOW = "shadow"
 BANDIT = "bandit"
 EXPLICIT = "explicit"  # logged for a request that named its version
+PINNED = "pinned"  # logged while a rollback or a live promotion pins the version (every route collapses to it)
 KINDS = (LATEST, SPLIT, SHADOW, BANDIT)
-KEYS = ("routing", "routing.weights", "routing.shadow", "routing.shadow_rate", "routing.bandit_floor", "routing.seed")
+KEYS = (
+    "routing",
+    "routing.weights",
+    "routing.shadow",
+    "routing.shadow_rate",
+    "routing.bandit_floor",
+    "routing.seed",
+    "routing.promote",
+)
 BANDIT_DRAWS = 4000  # Monte Carlo draws per version for P(best): the share's error is ~1/sqrt(4000) = 1.6%
 
 
@@ -51,6 +61,7 @@ class RoutingConfig:
     shadow_rate: float = 1.0
     bandit_floor: float = 0.05
     seed: int | None = None
+    promote: bool = False  # split/bandit: a challenger significantly better on live evidence is pinned
 
 
 def routing_config(name: str, config: mc.ModelConfig | None) -> RoutingConfig:
@@ -87,6 +98,14 @@ def routing_config(name: str, config: mc.ModelConfig | None) -> RoutingConfig:
             seed = int(seed_text)
         except ValueError:
             raise ConfigError(f"{where} 'routing.seed' is {seed_text!r}, not an integer") from None
+    promote_text = params.get("routing.promote", "").lower()
+    if promote_text not in ("", "true", "false"):
+        raise ConfigError(f"{where} 'routing.promote' is {promote_text!r}; expected 'true' or 'false'")
+    if promote_text == "true" and kind not in (SPLIT, BANDIT):
+        raise ConfigError(
+            f"{where} 'routing.promote' needs routing 'split' or 'bandit' (routing is {kind!r}): a challenger "
+            "is compared on the live traffic it answered"
+        )
     weights: tuple[tuple[int, float], ...] = ()
     shadow = None
     if kind == SPLIT:
@@ -107,6 +126,7 @@ def routing_config(name: str, config: mc.ModelConfig | None) -> RoutingConfig:
         shadow_rate=number("routing.shadow_rate", 1.0, 0.0, 1.0),
         bandit_floor=number("routing.bandit_floor", 0.05, 0.0, 0.5),
         seed=seed,
+        promote=promote_text == "true",
     )
 
 
@@ -175,6 +195,7 @@ class RouteStats:
     posterior_mean: dict[str, float] = field(default_factory=dict)  # bandit: version -> Beta mean
     rollbacks: int = 0
     last_rollback: tuple[str, str, str] | None = None  # (from, to, reason)
+    promotions: int = 0  # live promotions (routing.promote)
 
 
 class Router:
@@ -212,6 +233,12 @@ class Router:
         numbers = sorted(self.versions)
         if not numbers:  # nothing loaded: Repository.route answers before drawing
             return RouteTable(LATEST, (), (), ())
+        if c.kind == SHADOW and c.shadow is not None:
+            self.shadow = self.versions.get(c.shadow)
+        if self.pinned in self.versions:  # a rollback or a live promotion: every route serves the pin
+            if self.shadow is not None and self.shadow.version == self.pinned:
+                self.shadow = None
+            return RouteTable.of(PINNED, [self.versions[self.pinned]], [1.0])
         if c.kind == SPLIT:
             pairs = [(self.versions[v], w) for v, w in c.weights if v in self.versions and w > 0]
             if pairs:
@@ -224,9 +251,7 @@ class Router:
             else:
                 shares = [float(w) for w in known if w is not None]
             return RouteTable.of(BANDIT, [self.versions[v] for v in numbers], shares)
-        if c.kind == SHADOW and c.shadow is not None:
-            self.shadow = self.versions.get(c.shadow)
-        chosen = self.pinned if self.pinned in self.versions else numbers[-1]
+        chosen = numbers[-1]
         if self.shadow is not None and self.shadow.version == chosen:
             self.shadow = None  # a version never shadows itself
         return RouteTable.of(LATEST, [self.versions[chosen]], [1.0])
@@ -257,6 +282,24 @@ class Router:
     def shares(self) -> dict[str, float]:
         t = self.table
         return {v.version_str: p for v, p in zip(t.versions, t.propensities, strict=True)}
+
+    def champion(self) -> int | None:
+        """The incumbent a challenger must beat: under `split` the version with the largest weight (ties:
+        the older), otherwise the newest served version (what `latest` would serve)."""
+        if self.config.kind == SPLIT:
+            routed = [(w, -v) for v, w in self.config.weights if v in self.versions and w > 0]
+            if routed:
+                return -max(routed)[1]
+        return max(self.versions, default=None)
+
+    def challengers(self) -> list[int]:
+        """The versions that answered live traffic next to the champion (split: weight > 0; bandit: all)."""
+        champion = self.champion()
+        if self.config.kind == SPLIT:
+            return [v for v, w in self.config.weights if v in self.versions and w > 0 and v != champion]
+        if self.config.kind == BANDIT:
+            return [v for v in sorted(self.versions) if v != champion]
+        return []
 
     def pin(self, version: int) -> None:
         self.pinned = version

@@ -1,5 +1,6 @@
 """Live experiments through a real server and real feedback: split, shadow and bandit routing with the
-route and propensity logged; routing changed by a config reload without a failed request."""
+route and propensity logged; routing changed by a config reload without a failed request; promotion of a
+better canary on live evidence, and rollback (traffic moved) of a promoted version that degrades."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import onnx
 import pyarrow as pa
 import pytest
@@ -239,4 +242,124 @@ def test_a_degraded_promoted_version_is_rolled_back_on_live_evidence(
     # the pin lasts across polls (the config did not change)
     time.sleep(0.3)
     assert c.infer("d", features(1)).model_version == "1"
+    c.close()
+
+
+def explicit(c: Clients, pid: str, x: np.ndarray, version: str) -> pb.ModelInferResponse:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
+    request = pb.ModelInferRequest(
+        model_name="argmax",
+        model_version=version,
+        id=pid,
+        inputs=[tensor],
+        raw_input_contents=[x.reshape(1, 4).astype("<f4").tobytes()],
+    )
+    return c.infer_stub.ModelInfer(request, timeout=10)
+
+
+def decisions(repo: Path) -> list[dict[str, Any]]:
+    path = repo / "argmax" / "decisions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_better_canary_is_promoted_on_live_evidence(
+    start_gateway: Callable[..., GatewayHandle], tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "log"
+    # the champion (split tie: the older, version 1) answers wrong; the canary, version 2, right
+    policy = "version_policy { all { } }\n"
+    repo = tmp_path / "repo"
+    write_version(
+        repo, "argmax", 1, argmin_model(), config=policy + routing("split", weights="1:1,2:1", promote="true", seed="5")
+    )
+    write_version(repo, "argmax", 2, argmax_model())
+    gw = start_gateway(repo, predlog_dir=log_dir, predlog_flush_ms=50)
+    predlog, joiner = gw.gateway.predlog, gw.gateway.joiner
+    router = gw.gateway.repository.served("argmax").router
+    assert predlog is not None and joiner is not None and router is not None and router.config.promote
+    c = Clients(gw.address)
+    assert 'onnxgate_live_promotions_total{model="argmax"} 0.0' in scrape(gw)
+    sent = 0
+    while router.pinned is None and sent < 400:
+        answers = {f"p{i}": c.infer(f"p{i}", features(i)) for i in range(sent, sent + 20)}
+        assert predlog.flush()
+        for pid in answers:
+            c.send(pid, str(int(pid[1:]) % 4))
+        sent += 20
+        joiner.run_once()
+    assert router.pinned == 2 and 60 <= sent <= 200, (sent, router.pinned)  # 30 labelled each, roughly
+    [decision] = decisions(repo)
+    assert (decision["outcome"], decision["version"], decision["champion"], decision["trigger"]) == (
+        "promoted",
+        "2",
+        "1",
+        "live evidence",
+    )
+    assert decision["test"]["p_value_better"] < 0.05 and decision["test"]["challenger"] == 1.0
+    assert decision["test"]["champion"] == 0.0 and min(decision["test"]["n"].values()) >= 30
+    assert "significantly better" in decision["reason"]
+    assert 'onnxgate_live_promotions_total{model="argmax"} 1.0' in scrape(gw)
+    assert router.shares() == {"2": 1.0} and router.watch == (2, 1)
+    after = [c.infer(f"q{i}", features(i)) for i in range(40)]
+    assert {a.model_version for a in after} == {"2"}
+    rows = [r for r in logged(gw, log_dir) if str(r["id"]).startswith("q")]
+    assert len(rows) == 40 and {(r["route"], r["propensity"]) for r in rows} == {("pinned", 1.0)}
+    c.close()
+
+
+def test_a_promoted_then_degraded_version_under_split_is_rolled_back_and_traffic_moves(
+    start_gateway: Callable[..., GatewayHandle], tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "log"
+    policy = "version_policy { all { } }\n"
+    repo = tmp_path / "repo"
+    write_version(
+        repo, "argmax", 1, argmax_model(), config=policy + routing("split", weights="1:1,2:1", promote="true", seed="9")
+    )
+    write_version(repo, "argmax", 2, argmin_model())
+    gw = start_gateway(repo, predlog_dir=log_dir, predlog_flush_ms=50)
+    predlog, joiner = gw.gateway.predlog, gw.gateway.joiner
+    router = gw.gateway.repository.served("argmax").router
+    assert predlog is not None and joiner is not None and router is not None
+    c = Clients(gw.address)
+    argmin = lambda i: int(np.argmin(features(i)))  # noqa: E731
+    sent = 0
+    # first the world agrees with version 2 (argmin): it is promoted
+    while router.pinned is None and sent < 400:
+        answers = {f"p{i}": c.infer(f"p{i}", features(i)) for i in range(sent, sent + 20)}
+        assert predlog.flush()
+        for pid in answers:
+            c.send(pid, str(argmin(int(pid[1:]))))
+        sent += 20
+        joiner.run_once()
+    assert router.pinned == 2 and [d["outcome"] for d in decisions(repo)] == ["promoted"]
+    # then it changes its mind (argmax is right): version 2, pinned, degrades; version 1 still answers
+    # the requests that name it
+    rounds = 0
+    while router.pinned == 2 and rounds < 10:
+        answers = {f"a{rounds}_{i}": c.infer(f"a{rounds}_{i}", features(i)) for i in range(20)}
+        assert {a.model_version for a in answers.values()} == {"2"}
+        answers |= {f"b{rounds}_{i}": explicit(c, f"b{rounds}_{i}", features(i), "1") for i in range(20)}
+        assert predlog.flush()
+        for pid in answers:
+            c.send(pid, str(int(pid.split("_")[1]) % 4))
+        rounds += 1
+        joiner.run_once()
+    assert router.pinned == 1 and router.watch is None, rounds
+    made = decisions(repo)
+    assert [(d["outcome"], d["version"], d["champion"]) for d in made] == [
+        ("promoted", "2", "1"),
+        ("rolled back", "2", "1"),
+    ]
+    assert made[1]["test"]["p_value_worse"] < 0.05 and made[1]["trigger"] == "live evidence"
+    text = scrape(gw)
+    assert 'onnxgate_rollbacks_total{model="argmax"} 1.0' in text
+    assert 'onnxgate_live_promotions_total{model="argmax"} 1.0' in text
+    # traffic moved: the split collapses to the version the rollback returned to, and it is not promoted again
+    after = [c.infer(f"z{i}", features(i)) for i in range(40)]
+    assert {a.model_version for a in after} == {"1"} and router.shares() == {"1": 1.0}
+    joiner.run_once()
+    assert router.pinned == 1 and len(decisions(repo)) == 2
+    rows = [r for r in logged(gw, log_dir) if str(r["id"]).startswith("z")]
+    assert {(r["version"], r["route"], r["propensity"]) for r in rows} == {("1", "pinned", 1.0)}
     c.close()
