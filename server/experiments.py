@@ -11,13 +11,21 @@ The joiner (server/join.py) calls `Experiments.on_round(snapshot)` from its thre
 - with `routing.promote = "true"` (split or bandit routing), a challenger whose live accuracy is
   significantly better than the champion's (the same test, one-sided the other way) is pinned as the
   version answering every request that names none (until the model's config.pbtxt changes), the decision
-  is appended (outcome "promoted"), and the promoted version is watched like any promotion.
+  is appended (outcome "promoted"), and the promoted version is watched like any promotion;
+- with `routing.promote = "true"` under shadow routing, the shadow version is promoted (pinned the same
+  way, so shadowing stops) once it is significantly better than the champion on the labelled
+  predictions both scored: McNemar's exact test (below).
 
-The test is unpaired: live traffic is not scored by both versions (each request has one answer), so the
+Split and bandit tests are unpaired: live traffic is not scored by both versions (each request has one answer), so the
 learning loop's paired tests (McNemar, paired bootstrap) do not apply. It is the one-sided two-proportion
 z-test on per-prediction correctness of each version's joined, labelled predictions (pooled variance),
 with at least ROLLBACK_MIN_ROWS labelled predictions per version and p < ROLLBACK_ALPHA; without labels,
-the same test on rewards read as success probabilities (clipped to [0, 1] on average).
+the same test on rewards read as success probabilities (clipped to [0, 1] on average). A shadow scores
+the champion's requests, so its test is paired: McNemar's exact test, one-sided, on the labelled
+predictions both versions scored (the live join's `Snapshot.shadow_pairs`): of the b + c discordant
+pairs (b: the champion right and the shadow wrong, c: the other way), P(X >= c) for X ~ Binomial(b + c,
+1/2), with at least ROLLBACK_MIN_ROWS paired predictions and p < ROLLBACK_ALPHA. Rewards are not
+paired (a reward judges the answer given, the champion's), so a shadow is promoted on labels only.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from onnxgate.server.join import Quality, Snapshot
+from onnxgate.server.join import Pairs, Quality, Snapshot
 from onnxgate.server.repository import Repository
-from onnxgate.server.routing import BANDIT, Router
+from onnxgate.server.routing import BANDIT, SHADOW, Router
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,19 @@ def worse(new: tuple[float, float], old: tuple[float, float]) -> tuple[float, fl
     return 0.5 * math.erfc(-z / math.sqrt(2)), p1, p0  # P(Z <= z)
 
 
+def mcnemar_better(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that the second of a pair is better: P(X >= c), X ~ Bin(b + c, 1/2)."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    # the terms in log space: 2**m overflows a float past m = 1023
+    log_terms = [
+        math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) - m * math.log(2) for k in range(c, m + 1)
+    ]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in log_terms))
+
+
 class Experiments:
     def __init__(self, repository: Repository) -> None:
         self.repository = repository
@@ -90,7 +111,10 @@ class Experiments:
             if router.watch is not None and router.pinned in (None, router.watch[0]):
                 self._watch(served.name, router, snapshot)
             if router.config.promote and router.pinned is None:
-                self._promote(served.name, router, snapshot)
+                if router.config.kind == SHADOW:
+                    self._promote_shadow(served.name, router, snapshot)
+                else:
+                    self._promote(served.name, router, snapshot)
 
     def _promote(self, name: str, router: Router, snapshot: Snapshot) -> None:
         champion = router.champion()
@@ -118,6 +142,29 @@ class Experiments:
         router.stats.promotions += 1
         log.warning("model %s promoted version %s over %s: %s", name, new, champion, reason)
         self._record(name, PROMOTED, reason, new, champion, q_new, q_old, "p_value_better", p_value, rate_new, rate_old)
+
+    def _promote_shadow(self, name: str, router: Router, snapshot: Snapshot) -> None:
+        champion, shadow = router.champion(), router.config.shadow
+        if champion is None or shadow is None or shadow == champion or shadow not in router.versions:
+            return
+        paired = snapshot.shadow_pairs.get((name, str(shadow)))
+        if paired is None or paired.n < ROLLBACK_MIN_ROWS:
+            return
+        p_value = mcnemar_better(paired.b, paired.c)
+        if p_value >= ROLLBACK_ALPHA:
+            return
+        rate_new, rate_old = (paired.both + paired.c) / paired.n, (paired.both + paired.b) / paired.n
+        reason = (
+            f"live accuracy of shadow version {shadow} {rate_new:.3f} is significantly better than version "
+            f"{champion}'s {rate_old:.3f} on the {paired.n} labelled predictions both scored (McNemar's exact "
+            f"test, b={paired.b} c={paired.c}, one-sided p={p_value:.2g} < {ROLLBACK_ALPHA}); version {shadow} "
+            "answers every request naming no version until the model's config changes"
+        )
+        router.pin(shadow)  # the pinned version is the shadow: shadowing stops (Router._build)
+        router.watch = (shadow, champion)
+        router.stats.promotions += 1
+        log.warning("model %s promoted shadow version %s over %s: %s", name, shadow, champion, reason)
+        self._append_decision(name, PROMOTED, reason, shadow, champion, _mcnemar(paired, p_value))
 
     def _watch(self, name: str, router: Router, snapshot: Snapshot) -> None:
         assert router.watch is not None
@@ -158,22 +205,28 @@ class Experiments:
         rate_old: float,
     ) -> None:
         what = "accuracy" if (q_new and q_new.labelled) else "mean reward"
+        test = {
+            "test": "two_proportion_z",
+            "metric": what,
+            p_key: p_value,
+            "challenger": rate_new,
+            "champion": rate_old,
+            "n": {str(new): sum(successes(q_new)), str(old): sum(successes(q_old))},
+            "alpha": ROLLBACK_ALPHA,
+            "min_rows": ROLLBACK_MIN_ROWS,
+        }
+        self._append_decision(name, outcome, reason, new, old, test)
+
+    def _append_decision(
+        self, name: str, outcome: str, reason: str, new: int, old: int, test: dict[str, object]
+    ) -> None:
         decision = {
             "model": name,
             "outcome": outcome,
             "reason": reason,
             "champion": str(old),
             "version": str(new),
-            "test": {
-                "test": "two_proportion_z",
-                "metric": what,
-                p_key: p_value,
-                "challenger": rate_new,
-                "champion": rate_old,
-                "n": {str(new): sum(successes(q_new)), str(old): sum(successes(q_old))},
-                "alpha": ROLLBACK_ALPHA,
-                "min_rows": ROLLBACK_MIN_ROWS,
-            },
+            "test": test,
             "trigger": "live evidence",
             "at": time.time(),
         }
@@ -181,6 +234,22 @@ class Experiments:
             _append(self.repository.root / name, decision)
         except OSError as e:  # the decision stands; only its record is lost, and the log says so
             log.error("model %s: the decision (%s) could not be written to %s: %s", name, outcome, DECISIONS_FILE, e)
+
+
+def _mcnemar(paired: Pairs, p_value: float) -> dict[str, object]:
+    """A shadow promotion's test, with the numbers of the others' (rates, p, alpha, min_rows) and its table."""
+    return {
+        "test": "mcnemar_exact",
+        "metric": "accuracy",
+        "p_value_better": p_value,
+        "challenger": (paired.both + paired.c) / paired.n,
+        "champion": (paired.both + paired.b) / paired.n,
+        "n": paired.n,
+        "b": paired.b,
+        "c": paired.c,
+        "alpha": ROLLBACK_ALPHA,
+        "min_rows": ROLLBACK_MIN_ROWS,
+    }
 
 
 class RoutingCollector(Collector):

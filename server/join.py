@@ -13,6 +13,11 @@ Quality, per (model, version), against the model's primary output (the output wi
 elements, e.g. skl2onnx's `label` rather than `probabilities`):
     label truth -> accuracy;  value truth -> MAE, RMSE;  tensor truth -> accuracy for integer outputs,
     MAE/RMSE for float outputs, element-wise;  reward -> mean reward.
+
+Shadow rows (server/routing.py) carry the shadow version's outputs next to the champion's: the live join
+keeps the shadow's primary output (the champion's primary output's name) and, for label truth (and
+integer tensor truth, element-wise), counts per (model, shadow version) the paired outcomes
+(`Snapshot.shadow_pairs`): what McNemar's test of a shadow challenger reads (server/experiments.py).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +45,15 @@ from prometheus_client.registry import Collector
 from onnxgate.server.feedback import FEEDBACK
 from onnxgate.server.feedback_order import FeedbackIndex, Row, order_key
 from onnxgate.server.logfiles import LogFiles, Segment
-from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX, PredictionLog, model_dirs
+from onnxgate.server.predlog import (
+    INPUT_PREFIX,
+    OUTPUT_PREFIX,
+    PREDICTIONS,
+    SHADOW_OUTPUT_PREFIX,
+    SHAPE_SUFFIX,
+    PredictionLog,
+    model_dirs,
+)
 from onnxgate.server.segments import PARQUET_EXT, SkipList, read_segment, segment_paths
 
 log = logging.getLogger(__name__)
@@ -230,6 +243,42 @@ class Quality:
             self.sq_error += (p - t) ** 2
 
 
+def correctness(predicted: Sequence[Any] | None, feedback: Row) -> list[bool] | None:
+    """Per element, whether a primary output's values are right against class truth (a label, or a tensor
+    truth for integer outputs), as Quality counts `correct`; None where the truth is not a class."""
+    if predicted is None:
+        return None
+    if feedback["label"] is not None and len(predicted) == 1:
+        return [_same_label(predicted[0], feedback["label"])]
+    if feedback["label"] is None and feedback["value"] is None and feedback["tensors"]:
+        truth = [v for t in feedback["tensors"] for v in t["values"]]
+        if len(truth) == len(predicted) and all(isinstance(p, int) for p in predicted):
+            return [float(p) == t for p, t in zip(predicted, truth, strict=True)]
+    return None
+
+
+class Pairs(NamedTuple):
+    """Paired outcomes of a champion and its shadow on the same labelled predictions (McNemar's table)."""
+
+    n: int  # paired labelled predictions (elements, for tensor truth)
+    b: int  # the champion right, the shadow wrong
+    c: int  # the champion wrong, the shadow right
+    both: int  # both right
+
+    def plus(self, other: Pairs, sign: int) -> Pairs:
+        return Pairs(*(x + sign * y for x, y in zip(self, other, strict=True)))
+
+
+def pairs(champion: Sequence[Any] | None, shadow: Sequence[Any] | None, feedback: Row) -> Pairs | None:
+    """The paired outcomes of one joined prediction, or None where there is nothing to pair."""
+    right, shadow_right = correctness(champion, feedback), correctness(shadow, feedback)
+    if right is None or shadow_right is None or len(right) != len(shadow_right):
+        return None
+    b = sum(r and not s for r, s in zip(right, shadow_right, strict=True))
+    c = sum(s and not r for r, s in zip(right, shadow_right, strict=True))
+    return Pairs(len(right), b, c, sum(r and s for r, s in zip(right, shadow_right, strict=True)))
+
+
 def _same_label(predicted: object, label: str) -> bool:
     if isinstance(predicted, bytes):
         return predicted.decode(errors="replace") == label
@@ -262,6 +311,8 @@ class Snapshot:
     pending_count: int = 0
     unknown_count: int = 0
     at: float = field(default_factory=time.time)
+    # (model, shadow version) -> paired outcomes of the champion and the shadow on labelled predictions
+    shadow_pairs: dict[tuple[str, str], Pairs] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -273,12 +324,20 @@ class _Prediction:
     ts_us: int
     primary: tuple[Any, ...] | None  # the primary output's values (primary_output)
     count: int = 1
+    shadow: tuple[str, tuple[Any, ...]] | None = None  # (shadow version, its output of the primary's name)
 
     @classmethod
     def of(cls, row: Row) -> _Prediction:
         name = primary_output(row)
         primary = None if name is None else tuple(row[OUTPUT_PREFIX + name])
-        return cls(sys.intern(row["model"]), sys.intern(row["version"]), _micros(row["ts"]), primary)
+        shadow = None
+        shadow_version = row.get("shadow_version")
+        if shadow_version is not None and name is not None:
+            values = row.get(SHADOW_OUTPUT_PREFIX + name)
+            if values is not None:
+                shadow = (sys.intern(shadow_version), tuple(values))
+        model, version = sys.intern(row["model"]), sys.intern(row["version"])
+        return cls(model, version, _micros(row["ts"]), primary, shadow=shadow)
 
 
 class Joiner:
@@ -318,6 +377,9 @@ class Joiner:
         self._feedback = FeedbackIndex()
         self._contributions: dict[str, tuple[tuple[str, str], Quality]] = {}
         self._quality: dict[tuple[str, str], Quality] = {}
+        # shadow rows: prediction id -> ((model, shadow version), its paired outcomes), and their sums
+        self._pair_contributions: dict[str, tuple[tuple[str, str], Pairs]] = {}
+        self._pairs: dict[tuple[str, str], Pairs] = {}
         self._pending: OrderedDict[str, float] = OrderedDict()  # prediction id -> its feedback's stamp (s)
         self._newest_us = 0  # the newest prediction time seen: the window ends there
         self._reused = 0
@@ -434,8 +496,8 @@ class Joiner:
                 self._reused += 1
             new.count = current.count + 1
             if new.ts_us < current.ts_us:  # a reused id: the latest prediction is the one joined
-                new.model, new.version, new.ts_us, new.primary = (
-                    current.model, current.version, current.ts_us, current.primary,
+                new.model, new.version, new.ts_us, new.primary, new.shadow = (
+                    current.model, current.version, current.ts_us, current.primary, current.shadow,
                 )  # fmt: skip
         self._predictions[pid] = new
         if pid in self._feedback.latest:
@@ -459,6 +521,12 @@ class Joiner:
         key = (prediction.model, prediction.version)
         self._contributions[pid] = (key, contribution)
         self._quality.setdefault(key, Quality()).merge(contribution, 1)
+        if prediction.shadow is not None:
+            paired = pairs(prediction.primary, prediction.shadow[1], feedback)
+            if paired is not None and paired.n:
+                shadow_key = (prediction.model, prediction.shadow[0])
+                self._pair_contributions[pid] = (shadow_key, paired)
+                self._pairs[shadow_key] = self._pairs.get(shadow_key, _NO_PAIRS).plus(paired, 1)
 
     def _unjoin(self, pid: str) -> None:
         old = self._contributions.pop(pid, None)
@@ -467,6 +535,14 @@ class Joiner:
             self._quality[key].merge(contribution, -1)
             if not self._quality[key].joined:
                 del self._quality[key]
+        paired = self._pair_contributions.pop(pid, None)
+        if paired is not None:
+            shadow_key, counts = paired
+            left = self._pairs[shadow_key].plus(counts, -1)
+            if left.n:
+                self._pairs[shadow_key] = left
+            else:
+                del self._pairs[shadow_key]
 
     def _evict(self, now: float) -> None:
         cutoff_us = self._newest_us - int(self.window_s * 1e6)
@@ -511,6 +587,7 @@ class Joiner:
             self._reused,
             pending_count=pending_count,
             unknown_count=unknown_count,
+            shadow_pairs=dict(self._pairs),
         )
 
     def _run(self) -> None:
@@ -522,6 +599,7 @@ class Joiner:
 
 
 SegmentKey = tuple[str, str | None, str, int]
+_NO_PAIRS = Pairs(0, 0, 0, 0)
 CHUNK_ROWS = 10_000
 SNAPSHOT_IDS = 1000
 

@@ -61,7 +61,7 @@ class RoutingConfig:
     shadow_rate: float = 1.0
     bandit_floor: float = 0.05
     seed: int | None = None
-    promote: bool = False  # split/bandit: a challenger significantly better on live evidence is pinned
+    promote: bool = False  # split/bandit/shadow: a challenger significantly better on live evidence is pinned
 
 
 def routing_config(name: str, config: mc.ModelConfig | None) -> RoutingConfig:
@@ -101,10 +101,10 @@ def routing_config(name: str, config: mc.ModelConfig | None) -> RoutingConfig:
     promote_text = params.get("routing.promote", "").lower()
     if promote_text not in ("", "true", "false"):
         raise ConfigError(f"{where} 'routing.promote' is {promote_text!r}; expected 'true' or 'false'")
-    if promote_text == "true" and kind not in (SPLIT, BANDIT):
+    if promote_text == "true" and kind not in (SPLIT, BANDIT, SHADOW):
         raise ConfigError(
-            f"{where} 'routing.promote' needs routing 'split' or 'bandit' (routing is {kind!r}): a challenger "
-            "is compared on the live traffic it answered"
+            f"{where} 'routing.promote' needs routing 'split', 'bandit' or 'shadow' (routing is {kind!r}): a "
+            "challenger is compared on the live traffic it answered or scored"
         )
     weights: tuple[tuple[int, float], ...] = ()
     shadow = None

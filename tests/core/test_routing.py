@@ -32,6 +32,7 @@ def test_routing_parameters_parse() -> None:
     assert routing_config("m", config(routing="bandit", routing_seed="4")).seed == 4
     assert not routing_config("m", config(routing="bandit")).promote  # opt-in
     assert routing_config("m", config(routing="bandit", routing_promote="true")).promote
+    assert routing_config("m", config(routing="shadow", routing_shadow="2", routing_promote="true")).promote
     assert not routing_config("m", config(routing="split", routing_weights="1:1", routing_promote="false")).promote
 
 
@@ -47,7 +48,7 @@ def test_routing_parameters_parse() -> None:
         ({"routing": "bandit", "routing_bandit_floor": "0.7"}, "within [0.0, 0.5]"),
         ({"routing": "bandit", "routing_wat": "1"}, "not a routing parameter"),
         ({"routing": "bandit", "routing_promote": "yes"}, "expected 'true' or 'false'"),
-        ({"routing": "latest", "routing_promote": "true"}, "needs routing 'split' or 'bandit'"),
+        ({"routing": "latest", "routing_promote": "true"}, "needs routing 'split', 'bandit' or 'shadow'"),
     ],
 )
 def test_bad_routing_parameters_are_refused_with_the_reason(params: dict[str, str], reason: str) -> None:

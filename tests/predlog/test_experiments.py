@@ -1,6 +1,7 @@
 """Live experiments through a real server and real feedback: split, shadow and bandit routing with the
 route and propensity logged; routing changed by a config reload without a failed request; promotion of a
-better canary on live evidence, and rollback (traffic moved) of a promoted version that degrades."""
+better canary or shadow on live evidence (not of a shadow no better), and rollback (traffic moved) of a
+promoted version that degrades."""
 
 from __future__ import annotations
 
@@ -362,4 +363,88 @@ def test_a_promoted_then_degraded_version_under_split_is_rolled_back_and_traffic
     assert router.pinned == 1 and len(decisions(repo)) == 2
     rows = [r for r in logged(gw, log_dir) if str(r["id"]).startswith("z")]
     assert {(r["version"], r["route"], r["propensity"]) for r in rows} == {("1", "pinned", 1.0)}
+    c.close()
+
+
+def shadow_rounds(gw: GatewayHandle, c: Clients, prefix: str, rounds: int, stop: Callable[[], bool]) -> int:
+    """Rounds of 20 requests naming no version, each shadowed (or dropped) before the log is flushed, then
+    labelled (argmax is right) and joined; until `stop()` or `rounds` rounds. Returns the requests sent."""
+    predlog, joiner = gw.gateway.predlog, gw.gateway.joiner
+    router = gw.gateway.repository.served("argmax").router
+    assert predlog is not None and joiner is not None and router is not None
+    sent = 0
+    for _ in range(rounds):
+        if stop():
+            break
+        answers = {f"{prefix}{i}": c.infer(f"{prefix}{i}", features(i)) for i in range(sent, sent + 20)}
+        sent += 20
+        assert wait_for(lambda n=sent: sum(router.stats.shadow_runs.values()) + router.stats.shadow_dropped >= n, 10)
+        assert predlog.flush()
+        for pid in answers:
+            c.send(pid, str(int(pid[len(prefix) :]) % 4))
+        joiner.run_once()
+    return sent
+
+
+def test_a_better_shadow_is_promoted_on_paired_live_evidence(
+    start_gateway: Callable[..., GatewayHandle], tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "log"
+    # the champion, version 2 (the latest), answers wrong; the shadow, version 1, right on the same requests
+    policy = "version_policy { all { } }\n"
+    repo = tmp_path / "repo"
+    write_version(
+        repo, "argmax", 1, argmax_model(), config=policy + routing("shadow", shadow="1", promote="true", seed="3")
+    )
+    write_version(repo, "argmax", 2, argmin_model())
+    gw = start_gateway(repo, predlog_dir=log_dir, predlog_flush_ms=50)
+    router = gw.gateway.repository.served("argmax").router
+    assert router is not None and router.config.promote and router.shadow is not None
+    c = Clients(gw.address)
+    assert 'onnxgate_live_promotions_total{model="argmax"} 0.0' in scrape(gw)
+    sent = shadow_rounds(gw, c, "p", 20, lambda: router.pinned is not None)
+    assert router.pinned == 1 and 40 <= sent <= 120, (sent, router.pinned)  # 30 paired, and a few dropped
+    [decision] = decisions(repo)
+    assert (decision["outcome"], decision["version"], decision["champion"], decision["trigger"]) == (
+        "promoted",
+        "1",
+        "2",
+        "live evidence",
+    )
+    test = decision["test"]
+    assert test["test"] == "mcnemar_exact" and test["n"] >= 30 and test["b"] == 0 and test["c"] == test["n"]
+    assert test["p_value_better"] == 0.5 ** test["n"] and test["alpha"] == 0.05 and test["min_rows"] == 30
+    assert (test["challenger"], test["champion"]) == (1.0, 0.0)
+    assert "significantly better" in decision["reason"] and "McNemar" in decision["reason"]
+    assert 'onnxgate_live_promotions_total{model="argmax"} 1.0' in scrape(gw)
+    # the shadow answers every request naming no version, and shadows no more
+    assert router.shares() == {"1": 1.0} and router.shadow is None and router.watch == (1, 2)
+    runs = sum(router.stats.shadow_runs.values()) + router.stats.shadow_dropped
+    after = [c.infer(f"q{i}", features(i)) for i in range(40)]
+    assert {a.model_version for a in after} == {"1"} and {label_of(a) for a in after} == {0, 1, 2, 3}
+    rows = [r for r in logged(gw, log_dir) if str(r["id"]).startswith("q")]
+    assert len(rows) == 40 and {(r["version"], r["route"], r["shadow_version"]) for r in rows} == {
+        ("1", "pinned", None)
+    }
+    assert sum(router.stats.shadow_runs.values()) + router.stats.shadow_dropped == runs
+    c.close()
+
+
+def test_a_shadow_no_better_than_the_champion_is_not_promoted(
+    start_gateway: Callable[..., GatewayHandle], tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "log"
+    # the same model twice: every pair agrees (b = c = 0)
+    repo = repository(tmp_path / "repo", routing("shadow", shadow="1", promote="true", seed="4"))
+    gw = start_gateway(repo, predlog_dir=log_dir, predlog_flush_ms=50)
+    router, joiner = gw.gateway.repository.served("argmax").router, gw.gateway.joiner
+    assert router is not None and joiner is not None
+    c = Clients(gw.address)
+    sent = shadow_rounds(gw, c, "p", 5, lambda: False)
+    assert sent == 100 and router.pinned is None and router.shadow is not None and decisions(repo) == []
+    assert joiner.snapshot is not None
+    pairs = joiner.snapshot.shadow_pairs[("argmax", "1")]
+    assert pairs.n == router.stats.shadow_runs["1"] >= 30 and (pairs.b, pairs.c) == (0, 0) and pairs.both == pairs.n
+    assert 'onnxgate_live_promotions_total{model="argmax"} 0.0' in scrape(gw)
+    assert {c.infer(f"q{i}", features(i)).model_version for i in range(10)} == {"2"}
     c.close()
