@@ -8,7 +8,7 @@ The joiner (server/join.py) calls `Experiments.on_round(snapshot)` from its thre
   version's, the router pins the replaced version for every route (until the model's config.pbtxt
   changes), the decision is appended to `<model>/decisions.jsonl` (outcome "rolled back") and the
   metrics say so;
-- with `routing.promote = "true"` (split or bandit routing), a challenger whose live accuracy is
+- with `routing.promote = "true"` (split or bandit routing; shadow below), a challenger whose live accuracy is
   significantly better than the champion's (the same test, one-sided the other way) is pinned as the
   version answering every request that names none (until the model's config.pbtxt changes), the decision
   is appended (outcome "promoted"), and the promoted version is watched like any promotion;
