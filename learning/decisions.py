@@ -10,13 +10,13 @@ outcome: promoted, rejected, not enough data, failed; with the numbers it was ma
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DECISIONS_FILE = "decisions.jsonl"
+from onnxgate.server.experiments import DECISIONS_FILE, append_decision
+
 MODEL_CARD_FILE = "model_card.json"
 
 PROMOTED = "promoted"
@@ -45,13 +45,8 @@ class Decision:
 
 
 def append(model_dir: Path, decision: Decision) -> None:
-    """Append one decision durably (one line, fsynced): a crash never leaves half a record readable."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(decision.to_json(), sort_keys=True, default=str) + "\n"
-    with open(model_dir / DECISIONS_FILE, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one decision durably, in the log the gateway's live decisions go to too."""
+    append_decision(model_dir, decision.to_json())
 
 
 def read(model_dir: Path) -> list[dict[str, Any]]:

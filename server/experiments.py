@@ -40,6 +40,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from scipy.special import bdtrc
 
 from onnxgate.server.join import Pairs, Quality, Snapshot
 from onnxgate.server.repository import Repository
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 ROLLBACK_ALPHA = 0.05  # the learning loop's default significance (learning/retrain.py)
 ROLLBACK_MIN_ROWS = 30  # labelled predictions per version before anything is concluded
-DECISIONS_FILE = "decisions.jsonl"  # the learning loop's decision log (learning/decisions.py), same format
+DECISIONS_FILE = "decisions.jsonl"  # a model's decision log: this module's and the learning loop's decisions
 ROLLED_BACK = "rolled back"
 PROMOTED = "promoted"
 
@@ -83,16 +84,10 @@ def worse(new: tuple[float, float], old: tuple[float, float]) -> tuple[float, fl
 
 
 def mcnemar_better(b: int, c: int) -> float:
-    """One-sided exact McNemar p-value that the second of a pair is better: P(X >= c), X ~ Bin(b + c, 1/2)."""
-    m = b + c
-    if m == 0:
-        return 1.0
-    # the terms in log space: 2**m overflows a float past m = 1023
-    log_terms = [
-        math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) - m * math.log(2) for k in range(c, m + 1)
-    ]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in log_terms))
+    """One-sided exact McNemar p-value that the second of a pair is better: P(X >= c), X ~ Bin(b + c, 1/2)
+    (learning/stats.py's mcnemar_exact computes the same tail from the outcome arrays)."""
+    # bdtrc(k, n, p) = P(X > k): scipy.special, not scipy.stats, whose import the serving process need not pay
+    return float(bdtrc(c - 1, b + c, 0.5)) if b + c else 1.0
 
 
 class Experiments:
@@ -231,7 +226,7 @@ class Experiments:
             "at": time.time(),
         }
         try:
-            _append(self.repository.root / name, decision)
+            append_decision(self.repository.root / name, decision)
         except OSError as e:  # the decision stands; only its record is lost, and the log says so
             log.error("model %s: the decision (%s) could not be written to %s: %s", name, outcome, DECISIONS_FILE, e)
 
@@ -326,8 +321,11 @@ class RoutingCollector(Collector):
         yield from (requests, share, runs, dropped, disagreement, posterior, rollbacks, info, promotions)
 
 
-def _append(model_dir: Path, decision: dict[str, object]) -> None:
-    """One line, fsynced, as learning/decisions.py appends (the serving process does not import the loop)."""
+def append_decision(model_dir: Path, decision: dict[str, object]) -> None:
+    """Append one decision to `<model>/decisions.jsonl`: one line, fsynced, so a crash never leaves half a
+    record readable. The gateway (rollbacks, live promotions) and the learning loop (learning/decisions.py)
+    both write the model's decision log through this."""
+    model_dir.mkdir(parents=True, exist_ok=True)
     line = json.dumps(decision, sort_keys=True, default=str) + "\n"
     with open(model_dir / DECISIONS_FILE, "a", encoding="utf-8") as f:
         f.write(line)

@@ -413,7 +413,11 @@ def test_a_better_shadow_is_promoted_on_paired_live_evidence(
     )
     test = decision["test"]
     assert test["test"] == "mcnemar_exact" and test["n"] >= 30 and test["b"] == 0 and test["c"] == test["n"]
-    assert test["p_value_better"] == 0.5 ** test["n"] and test["alpha"] == 0.05 and test["min_rows"] == 30
+    assert (
+        test["p_value_better"] == pytest.approx(0.5 ** test["n"], rel=1e-9)
+        and test["alpha"] == 0.05
+        and test["min_rows"] == 30
+    )
     assert (test["challenger"], test["champion"]) == (1.0, 0.0)
     assert "significantly better" in decision["reason"] and "McNemar" in decision["reason"]
     assert 'onnxgate_live_promotions_total{model="argmax"} 1.0' in scrape(gw)
@@ -448,3 +452,13 @@ def test_a_shadow_no_better_than_the_champion_is_not_promoted(
     assert 'onnxgate_live_promotions_total{model="argmax"} 0.0' in scrape(gw)
     assert {c.infer(f"q{i}", features(i)).model_version for i in range(10)} == {"2"}
     c.close()
+
+
+@pytest.mark.parametrize(("b", "c"), [(0, 5), (3, 10), (10, 3), (0, 0), (2000, 2100)])
+def test_the_shadow_mcnemar_tail_is_scipys_exact_binomial(b: int, c: int) -> None:
+    from scipy.stats import binomtest
+
+    from onnxgate.server.experiments import mcnemar_better
+
+    expected = binomtest(c, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    assert mcnemar_better(b, c) == pytest.approx(expected, rel=1e-9)
