@@ -74,6 +74,8 @@ def serve(
         "0",
         "--metrics-port",
         "-1",
+        "--http-port",
+        "-1",
         "--log-level",
         "warning",
     ]

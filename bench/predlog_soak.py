@@ -43,7 +43,7 @@ def rss_mb(pid: int) -> float:
 def start_server(repo: Path, log_dir: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     cmd = [
         sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-        "--metrics-port", "-1", "--predlog-dir", str(log_dir), "--predlog-replica-id", "soak",
+        "--metrics-port", "-1", "--http-port", "-1", "--predlog-dir", str(log_dir), "--predlog-replica-id", "soak",
         "--predlog-join-interval-s", "5", "--predlog-segment-max-age-s", "60", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

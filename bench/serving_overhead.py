@@ -82,7 +82,7 @@ def main() -> None:
         build_repository(tmp / "repo", args.batching)
         gateway, gw_url = start(
             [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(tmp / "repo"), "--grpc-port", "0",
-             "--metrics-port", "-1", "--log-level", "warning"],
+             "--metrics-port", "-1", "--http-port", "-1", "--log-level", "warning"],
             r"serving gRPC on (\S+)",
         )  # fmt: skip
         baseline, base_url = start([sys.executable, "bench/baseline_server.py"], r"serving gRPC on (\S+)")

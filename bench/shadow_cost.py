@@ -83,7 +83,7 @@ def main() -> None:
             build_repository(tmp / side / "repo", extra)
             process, url = start(
                 [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(tmp / side / "repo"),
-                 "--grpc-port", "0", "--metrics-port", "-1", "--log-level", "warning",
+                 "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1", "--log-level", "warning",
                  "--predlog-dir", str(tmp / side / "log")],
                 r"serving gRPC on (\S+)",
             )  # fmt: skip

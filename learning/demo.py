@@ -102,7 +102,7 @@ def run_demo(
     )
     server = subprocess.Popen(
         [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-         "--metrics-port", "-1", "--model-control-mode", "poll", "--poll-interval-s", "0.5",
+         "--metrics-port", "-1", "--http-port", "-1", "--model-control-mode", "poll", "--poll-interval-s", "0.5",
          "--predlog-dir", str(work / "log"), "--predlog-flush-ms", "50", "--predlog-replica-id", "demo"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip

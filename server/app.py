@@ -25,6 +25,7 @@ from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
 from onnxgate.server.experiments import Experiments, RoutingCollector
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
+from onnxgate.server.inference import Inference, State
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.logquery import Report, report
@@ -37,7 +38,8 @@ from onnxgate.server.pb.pool import POOL
 from onnxgate.server.predlog import PredictionLog, PredLogCollector
 from onnxgate.server.replica_lock import ReplicaInUse, ReplicaLock
 from onnxgate.server.repository import Repository
-from onnxgate.server.service import InferenceServicer, State
+from onnxgate.server.rest import RestApp, RestServer
+from onnxgate.server.service import InferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,12 @@ class Gateway:
             if self.uploader is not None:
                 self.registry.register(StoreCollector(self.uploader))
         self.health = HealthServicer()
+        # one request path for both edges: the same routing, statistics and log records on gRPC and REST
+        self.inference = Inference(self.repository, self.state, self.predlog.record if self.predlog else None)
         self.server: grpc.aio.Server | None = None
+        self.rest: RestServer | None = None
         self.port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -133,12 +139,28 @@ class Gateway:
         # probe before gRPC binds: a failed bind in gRPC's core only logs a native error line and raises a
         # RuntimeError that does not say why; the probe knows the errno (in use, privileged port, ...)
         _probe_port("grpc_port", s.host, s.grpc_port)
-        # metrics bind before gRPC so that a taken metrics port fails with nothing started yet
+        # metrics and HTTP bind before gRPC so that a taken port fails with nothing started yet
         if s.metrics_port >= 0:
             try:
                 self._metrics_server, self.metrics_port = serve_metrics(self.registry, s.host, s.metrics_port)
             except OSError as e:
                 raise _port_error("metrics_port", s.host, s.metrics_port, e) from None
+        if s.http_port >= 0:
+            app = RestApp(
+                self.repository,
+                self.state,
+                self.inference,
+                s.max_message_bytes,
+                self.feedback,
+                self._report if self.feedback is not None else None,
+            )
+            self.rest = RestServer(app)
+            try:
+                await self.rest.start(s.host, s.http_port)
+            except OSError as e:
+                self.rest = None
+                raise _port_error("http_port", s.host, s.http_port, e) from None
+            self.http_port = self.rest.port
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -146,7 +168,7 @@ class Gateway:
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.predlog.record if self.predlog else None), self.server
+            InferenceServicer(self.repository, self.state, self.inference), self.server
         )
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.feedback is not None and self.joiner is not None:
@@ -190,7 +212,12 @@ class Gateway:
         self.state.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving gRPC on %s (metrics port %s)", self.address, self.metrics_port or "off")
+        log.info(
+            "serving gRPC on %s (HTTP/REST port %s, metrics port %s)",
+            self.address,
+            self.http_port or "off",
+            self.metrics_port or "off",
+        )
 
     async def stop(self, grace_s: float | None = None) -> None:
         self.state.draining = True
@@ -198,8 +225,12 @@ class Gateway:
         for task in (self._poller, self._log_watcher):
             if task is not None:
                 task.cancel()
-        if self.server is not None:
-            await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        # both edges drain together: in-flight requests finish, new ones are refused (UNAVAILABLE / 503)
+        await asyncio.gather(
+            *([self.server.stop(grace)] if self.server is not None else []),
+            *([self.rest.stop(grace)] if self.rest is not None else []),
+        )
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -249,7 +280,7 @@ class Gateway:
 
 def _choose(setting: str) -> str:
     flag = "--" + setting.replace("_", "-")
-    off = " (-1 turns metrics off)" if setting == "metrics_port" else ""
+    off = {"metrics_port": " (-1 turns metrics off)", "http_port": " (-1 turns HTTP/REST off)"}.get(setting, "")
     return f"choose another with {flag} or {env_name(setting)}{off}"
 
 
@@ -257,7 +288,7 @@ def _port_error(setting: str, host: str, port: int, error: OSError) -> StartupEr
     if error.errno == errno.EADDRNOTAVAIL:
         return StartupError(f"host {host} is not an address of this machine: set --host or ONNXGATE_HOST")
     if error.errno == errno.EADDRINUSE:
-        reason = "is in use (another server? Triton uses 8001/8002 too)"
+        reason = "is in use (another server? Triton uses 8000-8002 too)"
     elif error.errno == errno.EACCES:
         reason = "needs privileges (ports below 1024)"
     else:

@@ -141,25 +141,37 @@ async def _run(settings: Settings, root: Path) -> int:
         await gateway.stop(0)  # whatever started before the failure (a bound port, the log writer)
         print(f"onnxgate: {e}", file=sys.stderr)
         return 2
-    # one machine-readable line: tests and scripts started with --grpc-port 0 read the port from it
+    # one machine-readable line: tests and scripts started with --grpc-port 0 read the ports from it
     print(
-        f"onnxgate: serving gRPC on {gateway.address} metrics on {gateway.metrics_port or 'off'}",
+        f"onnxgate: serving gRPC on {gateway.address} metrics on {gateway.metrics_port or 'off'}"
+        f" http on {gateway.http_port or 'off'}",
         file=sys.stderr,
         flush=True,
     )
     if settings.example:
-        print(how_to_call(settings.host, gateway.port), file=sys.stderr, flush=True)
+        print(how_to_call(settings.host, gateway.port, gateway.http_port), file=sys.stderr, flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace_s)
     await gateway.stop()
     return 0
 
 
-def how_to_call(host: str, port: int) -> str:
+def how_to_call(host: str, port: int, http_port: int = 0) -> str:
     """What a person who just started the example server types next."""
     # a server on every interface is called on this machine's loopback name
-    address = f"{'localhost' if host in ('0.0.0.0', '::', '[::]', '') else host}:{port}"
-    return f"""onnxgate: the example is ready; call it from Python:
+    name = "localhost" if host in ("0.0.0.0", "::", "[::]", "") else host
+    address = f"{name}:{port}"
+    curl = (
+        f"""onnxgate: the example is ready; call it with curl:
+
+    curl -s -H 'Content-Type: application/json' http://{name}:{http_port}/v2/models/iris/infer \\
+      -d '{{"inputs": [{{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}}]}}'
+
+  or """
+        if http_port
+        else "onnxgate: the example is ready; call it "
+    )
+    return f"""{curl}from Python:
 
     import numpy as np
     from onnxgate.client import Client

@@ -37,6 +37,9 @@ class Settings:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 in a container)"})
     grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0: any free port)"})
+    http_port: int = field(
+        default=8000, metadata={"help": "HTTP/REST port of the same protocol (0: any free port, -1: off)"}
+    )
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0: any free port, -1: off)"})
     model_control_mode: str = field(
         default="none",
@@ -125,6 +128,7 @@ class Settings:
         )
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, f"one of {', '.join(LOG_LEVELS)}")
         _check(0 <= self.grpc_port <= 65535, "grpc_port", self.grpc_port, "a port number 0-65535")
+        _check(-1 <= self.http_port <= 65535, "http_port", self.http_port, "a port number 0-65535, or -1 for off")
         _check(
             -1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "a port number 0-65535, or -1 for off"
         )

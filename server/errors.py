@@ -1,11 +1,13 @@
-"""Errors that carry their gRPC status code; `service.py` maps them to the wire in one place.
+"""Errors that carry their status on both wires: the gRPC code and the HTTP status, declared here once.
+`service.py` (gRPC) and `rest.py` (HTTP/REST) each put them on their wire in one place.
 
 GatewayError              base: a code and a message that tells the caller what to fix
-  NotFound                unknown model or version                     -> NOT_FOUND
-  InvalidArgument         names, datatypes, shapes, byte counts        -> INVALID_ARGUMENT
-  Unavailable             not ready, loading, draining                 -> UNAVAILABLE
-  ResourceExhausted       overload: queues full                        -> RESOURCE_EXHAUSTED
-  Internal                onnxruntime or other failure on our side     -> INTERNAL (logged with trace)
+  NotFound                unknown model or version                     -> NOT_FOUND           404
+  InvalidArgument         names, datatypes, shapes, byte counts        -> INVALID_ARGUMENT    400
+  Unavailable             not ready, loading, draining                 -> UNAVAILABLE         503
+  ResourceExhausted       overload: queues full; a body too large      -> RESOURCE_EXHAUSTED  429 (413 for a body)
+  FailedPrecondition      the server's mode refuses the call           -> FAILED_PRECONDITION 400
+  Internal                onnxruntime or other failure on our side     -> INTERNAL            500 (logged with trace)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import grpc
 
 class GatewayError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    http_status: int = 500
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,25 +26,37 @@ class GatewayError(Exception):
 
 class NotFound(GatewayError):
     code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
 
 
 class InvalidArgument(GatewayError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
 
 
 class Unavailable(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
 
 
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
 
 
 class Internal(GatewayError):
     code = grpc.StatusCode.INTERNAL
+    http_status = 500
 
 
 class FailedPrecondition(GatewayError):
     """The server's mode does not allow the call (e.g. explicit load while polling)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
+
+
+class BodyTooLarge(ResourceExhausted):
+    """An HTTP body over the message limit (the same limit as a gRPC message)."""
+
+    http_status = 413

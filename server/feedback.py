@@ -175,21 +175,30 @@ def record_from_proto(request: fpb.FeedbackRequest) -> FeedbackRecord:
 
 def _truth_tensor(t: fpb.TruthTensor) -> TruthTensor:
     field = _CONTENTS_FIELD.get(t.datatype)
-    if field is None:
+    if field is not None:
+        others = [f.name for f, v in t.contents.ListFields() if f.name != field and v]
+        if others:
+            raise InvalidArgument(
+                f"truth tensor '{t.name}' of datatype {t.datatype} carries {others[0]}, expected {field}"
+            )
+    values = getattr(t.contents, field) if field is not None else ()
+    return truth_tensor(t.name, t.datatype, tuple(t.shape), tuple(float(v) for v in values))
+
+
+def truth_tensor(name: str, datatype: str, shape: tuple[int, ...], values: tuple[float, ...]) -> TruthTensor:
+    """A checked ground-truth tensor, whichever wire it came on: numeric, its shape holding its values."""
+    if datatype not in _CONTENTS_FIELD:
         raise InvalidArgument(
-            f"truth tensor '{t.name}': datatype {t.datatype!r} is not a numeric datatype "
+            f"truth tensor '{name}': datatype {datatype!r} is not a numeric datatype "
             f"({', '.join(_CONTENTS_FIELD)}); send a string ground truth as label"
         )
-    others = [f.name for f, v in t.contents.ListFields() if f.name != field and v]
-    if others:
-        raise InvalidArgument(f"truth tensor '{t.name}' of datatype {t.datatype} carries {others[0]}, expected {field}")
-    values = tuple(float(v) for v in getattr(t.contents, field))
-    if any(d < 0 for d in t.shape) or int(np.prod(t.shape)) != len(values):
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"truth tensor '{name}': shape {list(shape)} has a negative dimension")
+    if math.prod(shape) != len(values):
         raise InvalidArgument(
-            f"truth tensor '{t.name}': shape {list(t.shape)} holds {int(np.prod(t.shape))} "
-            f"elements, {len(values)} given"
+            f"truth tensor '{name}': shape {list(shape)} holds {math.prod(shape)} elements, {len(values)} given"
         )
-    return TruthTensor(t.name, t.datatype, tuple(t.shape), values)
+    return TruthTensor(name, datatype, shape, values)
 
 
 def to_batch(records: list[FeedbackRecord], replica: str) -> pa.RecordBatch:

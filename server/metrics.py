@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from onnxgate.server.inference import State
 from onnxgate.server.repository import Repository
-from onnxgate.server.service import State
 
 NS = 1e-9
 

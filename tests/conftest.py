@@ -27,7 +27,7 @@ from onnxgate.server.config import load_settings
 from onnxgate.server.example import ensure_example_repository
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 
-READY_LINE = re.compile(r"onnxgate: serving gRPC on (\S+) metrics on (\S+)")
+READY_LINE = re.compile(r"onnxgate: serving gRPC on (\S+) metrics on (\S+) http on (\S+)")
 
 
 @dataclass
@@ -70,7 +70,7 @@ def start_gateway() -> Iterator[Callable[..., GatewayHandle]]:
     handles: list[GatewayHandle] = []
 
     def start(repository: Path, **overrides: Any) -> GatewayHandle:
-        flags = {"model_repository": repository, "grpc_port": 0, "metrics_port": 0, **overrides}
+        flags = {"model_repository": repository, "grpc_port": 0, "metrics_port": 0, "http_port": 0, **overrides}
         settings = load_settings(env={}, flags=flags)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -107,6 +107,7 @@ class SpawnedGateway:
     process: subprocess.Popen[str]
     address: str
     metrics_port: int
+    http_port: int = 0
 
     def terminate(self, timeout: float = 20) -> int:
         if self.process.poll() is None:
@@ -126,7 +127,20 @@ def spawn_gateway() -> Iterator[Callable[..., SpawnedGateway]]:
         *args: str, env: dict[str, str] | None = None, timeout: float = 120, prefix: Sequence[str] = ()
     ) -> SpawnedGateway:
         # prefix: a command that runs the gateway by exec'ing it (prlimit, faketime): the pid stays the gateway's
-        cmd = [*prefix, sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "0", *args]
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "onnxgate",
+            "serve",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            *args,
+        ]
         process = subprocess.Popen(
             cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
         )
@@ -136,8 +150,13 @@ def spawn_gateway() -> Iterator[Callable[..., SpawnedGateway]]:
             lines.append(line)
             match = READY_LINE.search(line)
             if match:
-                metrics = match.group(2)
-                gw = SpawnedGateway(process, match.group(1), int(metrics) if metrics.isdigit() else 0)
+                metrics, http = match.group(2), match.group(3)
+                gw = SpawnedGateway(
+                    process,
+                    match.group(1),
+                    int(metrics) if metrics.isdigit() else 0,
+                    int(http) if http.isdigit() else 0,
+                )
                 spawned.append(gw)
                 # keep draining stderr so the child never blocks on a full pipe
                 threading.Thread(target=lambda: [None for _ in process.stderr or []], daemon=True).start()

@@ -146,24 +146,25 @@ def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("taken", ["grpc_port", "metrics_port"])
+@pytest.mark.parametrize("taken", ["grpc_port", "metrics_port", "http_port"])
 def test_taken_port_stops_serve_with_one_line(example_copy: Path, taken: str) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        ports = {"grpc_port": 0, "metrics_port": 0, taken: port}
+        ports = {"grpc_port": 0, "metrics_port": 0, "http_port": 0, taken: port}
         # the example brings the prediction log's writer threads: they must not keep the process alive
         run = _serve(
             "--example", "--model-repository", str(example_copy),
             "--grpc-port", str(ports["grpc_port"]), "--metrics-port", str(ports["metrics_port"]),
+            "--http-port", str(ports["http_port"]),
         )  # fmt: skip
     flag = "--" + taken.replace("_", "-")
     assert run.returncode == 2, run.stderr
     assert run.stderr.splitlines() == [
-        f"onnxgate: {taken} {port} on 127.0.0.1 is in use (another server? Triton uses 8001/8002 too):"
+        f"onnxgate: {taken} {port} on 127.0.0.1 is in use (another server? Triton uses 8000-8002 too):"
         f" choose another with {flag} or ONNXGATE_{taken.upper()}"
-        + (" (-1 turns metrics off)" if taken == "metrics_port" else "")
+        + {"metrics_port": " (-1 turns metrics off)", "http_port": " (-1 turns HTTP/REST off)"}.get(taken, "")
     ]
 
 

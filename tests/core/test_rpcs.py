@@ -33,7 +33,13 @@ def test_liveness_readiness_and_metadata(start_gateway, example_repository: Path
     assert not client.is_model_ready("iris", "7") and not client.is_model_ready("nope")
     server = client.get_server_metadata()
     assert server.name == "onnxgate"
-    assert set(server.extensions) == {"classification", "model_repository", "model_configuration", "statistics"}
+    assert set(server.extensions) == {
+        "classification",
+        "model_repository",
+        "model_configuration",
+        "statistics",
+        "binary_tensor_data",
+    }
 
     meta = client.get_model_metadata("iris")
     assert meta.platform == "onnxruntime_onnx" and list(meta.versions) == ["1", "2"]

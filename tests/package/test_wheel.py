@@ -128,7 +128,7 @@ def _serve_and_call(venv: Path, python: Path, tmp_path: Path) -> None:
     """`onnxgate serve --example` from the environment, called by the environment's client, then stopped."""
     example = tmp_path / "example"
     process = subprocess.Popen(
-        [str(venv / "bin" / "onnxgate"), "serve", "--example", "--grpc-port", "0", "--metrics-port", "0",
+        [str(venv / "bin" / "onnxgate"), "serve", "--example", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0",
          "--model-repository", str(example)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=_clean_env(),
     )  # fmt: skip

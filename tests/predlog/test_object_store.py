@@ -31,7 +31,7 @@ from tests.predlog.helpers import wait_for
 from tests.predlog.s3_helpers import CREDENTIALS, S3, running_s3
 
 STORE_HEALTH = "onnxgate.v1.PredictionLogStore"
-SERVE = [sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "-1"]
+SERVE = [sys.executable, "-m", "onnxgate", "serve", "--grpc-port", "0", "--metrics-port", "-1", "--http-port", "-1"]
 
 
 @pytest.fixture
