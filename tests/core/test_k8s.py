@@ -50,6 +50,10 @@ def test_probes_and_args_match_the_gateway(manifests: list[dict[str, object]]) -
     assert grpc_port == settings.grpc_port
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port
+    http_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    assert http_port == settings.http_port
+    service = next(d for d in manifests if d["kind"] == "Service" and d["metadata"]["name"] == "onnxgate")  # type: ignore[index]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} >= {"grpc", "http", "metrics"}  # type: ignore[index]
     termination = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]  # type: ignore[index]
     assert termination > settings.shutdown_grace_s
 
