@@ -206,6 +206,11 @@ def _from_json(data: object, dtype: DataType, shape: tuple[int, ...], what: str)
     if count == 0:
         return np.empty(shape, dtype=dtype.numpy)
     kind, target = array.dtype.kind, dtype.numpy
+    if target.kind in "iu" and kind in "fO":
+        # numpy reads integers past int64 beside smaller ones as float64 (or objects): keep them exact
+        flat = flatten(data)
+        if all(type(x) is int for x in flat):
+            array, kind = np.array(flat, dtype=object), "i"
     if target.kind == "b":
         ok = kind == "b"
     elif target.kind in "iu":
