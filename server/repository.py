@@ -39,6 +39,7 @@ from onnxgate.server.runtime import OnnxModel
 log = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+NAME_MAX = 255  # a directory name's bytes on the file systems we run on: longer ones fail with ENAMETOOLONG
 UPLOAD_FILE = re.compile(r"^(?:(\d+)/)?([A-Za-z0-9_][A-Za-z0-9_.-]*)$")
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -140,8 +141,12 @@ class Repository:
         if served is not None:
             reasons = served.error or "; ".join(f"version {v}: {r}" for v, r in sorted(served.failures.items()))
             return Unavailable(f"model {name!r} is not ready: {reasons or 'no version loaded'}")
-        if (self.root / name).is_dir() and self.control_mode == "explicit":
-            return Unavailable(f"model {name!r} is in the repository but not loaded; load it with RepositoryModelLoad")
+        # only a valid name is looked up on disk: '..', '/etc' or 5000 characters are simply unknown
+        if self.control_mode == "explicit" and _valid_name(name) and (self.root / name).is_dir():
+            return Unavailable(
+                f"model {name!r} is in the repository but not loaded; load it with RepositoryModelLoad"
+                f" (HTTP: POST /v2/repository/models/{name}/load)"
+            )
         known = ", ".join(sorted(self._models)) or "none"
         return NotFound(f"unknown model {name!r}; models served: {known}")
 
@@ -344,9 +349,16 @@ class Repository:
             shutil.rmtree(staged, ignore_errors=True)
 
 
+def _valid_name(name: str) -> bool:
+    return len(name) <= NAME_MAX and MODEL_NAME.match(name) is not None
+
+
 def _check_model_name(name: str) -> None:
-    if not MODEL_NAME.match(name):
-        raise InvalidArgument(f"model name {name!r} is not a valid directory name (letters, digits, '_', '.', '-')")
+    if not _valid_name(name):
+        raise InvalidArgument(
+            f"model name {name[:300]!r} is not a valid directory name (letters, digits, '_', '.', '-';"
+            f" at most {NAME_MAX} characters)"
+        )
 
 
 def _fingerprint(*paths: Path) -> Fingerprint:
