@@ -22,6 +22,8 @@ from onnxgate.server.tensors import DATATYPES, DataType, InferRequest, decode_ra
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 HEADER_LENGTH = "inference-header-content-length"  # HTTP header names compare case-insensitively
+MAX_DIMS = 32  # numpy's limit (64 since numpy 2)
+MAX_ELEMENTS = 2**60 - 1  # times 8 bytes an element: numpy's largest array
 
 
 @dataclass
@@ -180,6 +182,11 @@ def _shape(raw: object, what: str) -> tuple[int, ...]:
         raise InvalidArgument(f"{what}: 'shape' must be a list of integers, got {json.dumps(raw)[:100]}")
     if any(d < 0 for d in raw):
         raise InvalidArgument(f"{what}: shape {raw} has a negative dimension")
+    # what numpy can hold at all, checked before any array is made (an empty [0, 2**70] too)
+    if len(raw) > MAX_DIMS:
+        raise InvalidArgument(f"{what}: shape has {len(raw)} dimensions; at most {MAX_DIMS} are supported")
+    if math.prod(d for d in raw if d) > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what}: shape {raw} has more elements than any tensor can hold")
     return tuple(raw)
 
 
@@ -195,7 +202,13 @@ def _from_json(data: object, dtype: DataType, shape: tuple[int, ...], what: str)
         if not all(isinstance(x, str) for x in flat):
             raise InvalidArgument(f"{what}: BYTES data must be strings (binary data: use binary_data_size)")
         out = np.empty(count, dtype=object)
-        out[:] = [x.encode("utf-8") for x in flat]
+        try:
+            out[:] = [x.encode("utf-8") for x in flat]
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"); UTF-8 cannot hold one
+            raise InvalidArgument(
+                f"{what}: BYTES data holds a lone UTF-16 surrogate, which is not text: send such bytes as"
+                " binary data (binary_data_size)"
+            ) from None
         return out.reshape(shape)
     try:
         array = np.asarray(data)

@@ -234,9 +234,12 @@ def encode_response(
 
 def classify(scores: np.ndarray, k: int, labels: Sequence[str] | None) -> np.ndarray:
     """Triton's classification extension: the top-k classes of each batch row as b"score:index[:label]"."""
+    if scores.dtype == object:
+        raise InvalidArgument("classification ranks numbers, but this output holds BYTES: drop the parameter")
     rows = scores.reshape(1, -1) if scores.ndim <= 1 else scores.reshape(scores.shape[0], -1)
     k = min(k, rows.shape[1])
-    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    # ranked as float64: '-' is refused on BOOL and wraps around on unsigned integers (0 would rank first)
+    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :k]
     out = np.empty(top.shape, dtype=object)
     for r, c in np.ndindex(top.shape):
         index = int(top[r, c])
