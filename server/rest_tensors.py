@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 
 from onnxgate.server.errors import InvalidArgument
-from onnxgate.server.tensors import DATATYPES, DataType, InferRequest, decode_raw, encode_raw, new_request_id
+from onnxgate.server.tensors import (
+    DATATYPES,
+    DataType,
+    InferRequest,
+    check_shape,
+    decode_raw,
+    encode_raw,
+    new_request_id,
+)
 
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 HEADER_LENGTH = "inference-header-content-length"  # HTTP header names compare case-insensitively
-MAX_DIMS = 32  # numpy's limit (64 since numpy 2)
-MAX_ELEMENTS = 2**60 - 1  # times 8 bytes an element: numpy's largest array
 
 
 @dataclass
@@ -180,14 +186,7 @@ def _requested_outputs(raw: object) -> tuple[list[str], dict[str, int], list[str
 def _shape(raw: object, what: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(type(d) is int for d in raw):
         raise InvalidArgument(f"{what}: 'shape' must be a list of integers, got {json.dumps(raw)[:100]}")
-    if any(d < 0 for d in raw):
-        raise InvalidArgument(f"{what}: shape {raw} has a negative dimension")
-    # what numpy can hold at all, checked before any array is made (an empty [0, 2**70] too)
-    if len(raw) > MAX_DIMS:
-        raise InvalidArgument(f"{what}: shape has {len(raw)} dimensions; at most {MAX_DIMS} are supported")
-    if math.prod(d for d in raw if d) > MAX_ELEMENTS:
-        raise InvalidArgument(f"{what}: shape {raw} has more elements than any tensor can hold")
-    return tuple(raw)
+    return check_shape(tuple(raw), what)
 
 
 def _from_json(data: object, dtype: DataType, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -81,9 +81,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
         if name in inputs:
             raise InvalidArgument(f"input {name!r} appears twice")
         dtype = DATATYPES.get(tensor.datatype) or _unknown_datatype(tensor.datatype, f"input {name!r}")
-        shape = tuple(tensor.shape)
-        if shape and min(shape) < 0:
-            raise InvalidArgument(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        shape = check_shape(tuple(tensor.shape), f"input {name!r}")
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(f"input {name!r} has both raw and typed contents: send one")
@@ -104,6 +102,22 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(
         request.id or new_request_id(), request.model_name, request.model_version, inputs, outputs, classification
     )
+
+
+MAX_DIMS = 32  # numpy's limit (64 since numpy 2)
+MAX_ELEMENTS = 2**60 - 1  # times 8 bytes an element: numpy's largest array
+
+
+def check_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """A client's shape that numpy can hold at all, checked before any array is made from it (an empty
+    [0, 2**70] too), on either edge."""
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what}: shape {list(shape)} has more elements than any tensor can hold")
+    return shape
 
 
 _ID_PREFIX = os.urandom(10).hex()  # 80 random bits per process: replicas never collide

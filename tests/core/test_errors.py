@@ -62,6 +62,9 @@ CASES = [
     ("wrong shape", fp32_request(shape=(2, 4)), grpc.StatusCode.INVALID_ARGUMENT, "shape [2, 4] sent"),
     ("wrong rank", fp32_request(shape=(6,)), grpc.StatusCode.INVALID_ARGUMENT, "the model expects [-1, 3]"),
     ("negative dim", fp32_request(shape=(-1, 3), raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "negative dimension"),
+    # an empty tensor numpy still cannot make (was INTERNAL "array is too big")
+    ("empty huge", fp32_request(shape=(0, 2**62), raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "more elements than"),
+    ("too many dims", fp32_request(shape=(1,) * 40, raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "40 dimensions"),
     (
         "short raw bytes",
         fp32_request(raw=b"\x00" * 23),
