@@ -98,3 +98,13 @@ def write_version(
     if config is not None:
         (repo / name / "config.pbtxt").write_text(config)
     return version_dir
+
+
+def typed_repository(repo: Path) -> Path:
+    """An identity model per datatype (id_<datatype>), and add_mul in two versions (scale 2 and 3)."""
+    for datatype in DATATYPES:
+        write_version(repo, f"id_{datatype.lower()}", 1, identity(datatype))
+    write_version(repo, "add_mul", 1, add_mul(2.0))
+    write_version(repo, "add_mul", 2, add_mul(3.0))
+    (repo / "add_mul" / "config.pbtxt").write_text("version_policy { all {} }\n")
+    return repo

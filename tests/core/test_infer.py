@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.tensors import DATATYPES
-from tests.models import NUMPY, add_mul, identity, write_version
+from tests.models import NUMPY, identity, typed_repository, write_version
 
 SERVED_TYPES = [name for name in DATATYPES]
 
@@ -52,12 +52,7 @@ def decode_output(response: pb.ModelInferResponse, index: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def typed_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("typed")
-    for datatype in SERVED_TYPES:
-        write_version(repo, f"id_{datatype.lower()}", 1, identity(datatype))
-    write_version(repo, "add_mul", 1, add_mul(2.0))
-    write_version(repo, "add_mul", 2, add_mul(3.0))
-    (repo / "add_mul" / "config.pbtxt").write_text("version_policy { all {} }\n")
+    repo = typed_repository(tmp_path_factory.mktemp("typed"))
     write_version(repo, "big", 1, identity("FP32", width=1024 * 1024))
     return repo
 

@@ -32,7 +32,7 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import model_config_pb2 as mc
 from tests.conftest import GatewayHandle
 from tests.core.test_infer import SERVED_TYPES, sample
-from tests.models import add_mul, identity, write_version
+from tests.models import add_mul, identity, typed_repository, write_version
 from tests.predlog.e2e_helpers import Clients, argmax_repository, features, label_of
 
 # the Python type tritonclient.http reads from an output's JSON data, per datatype
@@ -47,13 +47,7 @@ IRIS = np.array(
 @pytest.fixture(scope="module")
 def rest_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An identity model per datatype, and add_mul in two versions (scale 2 and 3)."""
-    repo = tmp_path_factory.mktemp("rest")
-    for datatype in SERVED_TYPES:
-        write_version(repo, f"id_{datatype.lower()}", 1, identity(datatype))
-    write_version(repo, "add_mul", 1, add_mul(2.0))
-    write_version(repo, "add_mul", 2, add_mul(3.0))
-    (repo / "add_mul" / "config.pbtxt").write_text("version_policy { all {} }\n")
-    return repo
+    return typed_repository(tmp_path_factory.mktemp("rest"))
 
 
 def http(handle: GatewayHandle) -> httpclient.InferenceServerClient:
