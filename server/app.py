@@ -19,7 +19,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CollectorRegistry
 
 from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
@@ -29,7 +28,7 @@ from onnxgate.server.inference import Inference, State
 from onnxgate.server.join import Joiner, QualityCollector
 from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.logquery import Report, report
-from onnxgate.server.metrics import GatewayCollector, serve_metrics
+from onnxgate.server.metrics import gateway_registry, serve_metrics
 from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, log_readers, open_uploader
 from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
@@ -40,6 +39,7 @@ from onnxgate.server.replica_lock import ReplicaInUse, ReplicaLock
 from onnxgate.server.repository import Repository
 from onnxgate.server.rest import RestApp, RestServer
 from onnxgate.server.service import InferenceServicer
+from onnxgate.server.stats import RequestCounts
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class Gateway:
             default_max_batch_size=settings.default_max_batch_size,
             inline_run_ns=settings.inline_run_us * 1000,
         )
-        self.registry = CollectorRegistry()
-        self.registry.register(GatewayCollector(self.repository, self.state))
+        # answers by protocol, RPC and status code, counted by both edges (onnxgate_requests_total)
+        self.answers = RequestCounts()
+        self.registry = gateway_registry(self.repository, self.state, self.answers)
         self.registry.register(RoutingCollector(self.repository))
         self.experiments = Experiments(self.repository)
         # the prediction log, feedback and their join (server/predlog.py): only with predlog_dir set
@@ -153,6 +154,7 @@ class Gateway:
                 s.max_message_bytes,
                 self.feedback,
                 self._report if self.feedback is not None else None,
+                answers=self.answers,
             )
             self.rest = RestServer(app)
             try:
@@ -168,12 +170,12 @@ class Gateway:
         ]
         self.server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.inference), self.server
+            InferenceServicer(self.repository, self.state, self.inference, self.answers), self.server
         )
         services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.feedback is not None and self.joiner is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(  # type: ignore[no-untyped-call]
-                FeedbackServicer(self.feedback, self._report), self.server
+                FeedbackServicer(self.feedback, self._report, self.answers), self.server
             )
             services.append(FEEDBACK_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -8,6 +8,7 @@ GatewayError              base: a code and a message that tells the caller what 
   ResourceExhausted       overload: queues full; a body too large      -> RESOURCE_EXHAUSTED  429 (413 for a body)
   FailedPrecondition      the server's mode refuses the call           -> FAILED_PRECONDITION 400
   Internal                onnxruntime or other failure on our side     -> INTERNAL            500 (logged with trace)
+  Unimplemented           a service this gateway was started without   -> UNIMPLEMENTED       501
 """
 
 from __future__ import annotations
@@ -60,3 +61,8 @@ class BodyTooLarge(ResourceExhausted):
     """An HTTP body over the message limit (the same limit as a gRPC message)."""
 
     http_status = 413
+
+
+class Unimplemented(GatewayError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501

@@ -41,6 +41,7 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.predlog import PredLogSettings
 from onnxgate.server.segments import IOHealth, SegmentWriter, SkipList, read_segments
 from onnxgate.server.service import Context, grpc_errors
+from onnxgate.server.stats import RequestCounts
 
 if TYPE_CHECKING:  # logquery reads feedback files with this module's schema
     from onnxgate.server.logquery import Report
@@ -470,9 +471,10 @@ class FeedbackServicer(fpb_grpc.FeedbackServicer):
     full disk, an fsync error): nothing of it is stored, a retry is safe.
     """
 
-    def __init__(self, store: FeedbackStore, report: Callable[[str, int], Report]) -> None:
+    def __init__(self, store: FeedbackStore, report: Callable[[str, int], Report], answers: RequestCounts) -> None:
         self._store = store
         self._report = report
+        self.answers = answers  # grpc_errors counts each answer here
 
     @grpc_errors
     async def SendFeedback(self, request: fpb.FeedbackRequest, context: Context) -> fpb.FeedbackResponse:

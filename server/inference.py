@@ -69,7 +69,8 @@ class Inference:
             outputs = await version.infer(infer, decode_ns)
             t1 = time.monotonic_ns()
             answer = encode(infer, version.version_str, outputs)
-            version.stats.record_output(time.monotonic_ns() - t1)
+            t2 = time.monotonic_ns()
+            version.stats.record_output(t2 - t1, t2 - t0)
             shadow = router.shadow_for(version) if router is not None else None
             if shadow is not None and router is not None:
                 if state.inflight > state.shadow_max_inflight or state.shadows >= state.shadow_max_inflight:

@@ -31,6 +31,10 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message says which file and what is wrong."""
 
 
+class Unsupported(ConfigError):
+    """A model onnxgate does not serve (another platform or backend, a tensor type it cannot carry)."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -153,9 +157,9 @@ def build_spec(
         config.parameters["model_card"].string_value = card.read_text(encoding="utf-8", errors="replace")
     config.name = name
     if config.platform and config.platform != PLATFORM:
-        raise ConfigError(f"model {name!r}: platform {config.platform!r} is not served; onnxgate serves {PLATFORM!r}")
+        raise Unsupported(f"model {name!r}: platform {config.platform!r} is not served; onnxgate serves {PLATFORM!r}")
     if config.backend and config.backend != "onnxruntime":
-        raise ConfigError(f"model {name!r}: backend {config.backend!r} is not served; onnxgate serves 'onnxruntime'")
+        raise Unsupported(f"model {name!r}: backend {config.backend!r} is not served; onnxgate serves 'onnxruntime'")
     config.platform = PLATFORM
     config.backend = "onnxruntime"
 
@@ -241,6 +245,6 @@ def onnx_signature(items: list[object]) -> list[TensorSpec]:
     for arg in items:
         dtype = next((d for d in DATATYPES.values() if d.onnx == arg.type), None)  # type: ignore[attr-defined]
         if dtype is None:
-            raise ConfigError(f"tensor {arg.name!r} has type {arg.type}, which onnxgate cannot serve")  # type: ignore[attr-defined]
+            raise Unsupported(f"tensor {arg.name!r} has type {arg.type}, which onnxgate cannot serve")  # type: ignore[attr-defined]
         specs.append(TensorSpec(arg.name, dtype.name, _onnx_shape(arg.shape)))  # type: ignore[attr-defined]
     return specs

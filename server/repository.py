@@ -14,11 +14,13 @@ import logging
 import re
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnxruntime as ort
 from google.protobuf import text_format
 
 from onnxgate.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -27,6 +29,7 @@ from onnxgate.server.modelspec import (
     CONFIG_FILE,
     ConfigError,
     ModelSpec,
+    Unsupported,
     build_spec,
     config_from_json,
     read_config,
@@ -42,6 +45,9 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 NAME_MAX = 255  # a directory name's bytes on the file systems we run on: longer ones fail with ENAMETOOLONG
 UPLOAD_FILE = re.compile(r"^(?:(\d+)/)?([A-Za-z0-9_][A-Za-z0-9_.-]*)$")
 Fingerprint = tuple[tuple[str, int, int], ...]
+# why a load failed, for onnxgate_model_load_failures_total (failure_reason): a small fixed set
+LOAD_FAILURE_REASONS = ("invalid_model", "invalid_config", "unsupported", "io_error", "other")
+_ORT = ort.capi.onnxruntime_pybind11_state
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,10 @@ class Repository:
         self._inline_run_ns = inline_run_ns
         self._models: dict[str, Served] = {}
         self._lock = asyncio.Lock()
+        # for the metrics: failed load attempts by (model, reason), polls and polls that raised
+        self.load_failures: Counter[tuple[str, str]] = Counter()
+        self.polls = 0
+        self.poll_errors = 0
 
     # -- reads (hot path: no lock, no I/O) -------------------------------------------------
 
@@ -153,6 +163,10 @@ class Repository:
     def all_served(self) -> list[Served]:
         return [s for s in self._models.values() if s.versions]
 
+    def all_models(self) -> list[Served]:
+        """Every model the repository has tried to load, served or not."""
+        return list(self._models.values())
+
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         entries = []
         names = set(self._models) | set(self._names_on_disk())
@@ -178,13 +192,18 @@ class Repository:
                 await self._load_model(name)
 
     async def poll_once(self) -> None:
-        async with self._lock:
-            on_disk = set(self._names_on_disk())
-            for name in sorted(on_disk):
-                await self._load_model(name)
-            for name in set(self._models) - on_disk:
-                log.info("model %s removed from the repository: unloaded", name)
-                del self._models[name]
+        self.polls += 1
+        try:
+            async with self._lock:
+                on_disk = set(self._names_on_disk())
+                for name in sorted(on_disk):
+                    await self._load_model(name)
+                for name in set(self._models) - on_disk:
+                    log.info("model %s removed from the repository: unloaded", name)
+                    del self._models[name]
+        except Exception:
+            self.poll_errors += 1
+            raise
 
     async def poll_forever(self, interval_s: float) -> None:
         while True:
@@ -234,6 +253,7 @@ class Repository:
             model_config = read_config(config_path) if config_path.is_file() else None
             routing = routing_config(name, model_config)
         except ConfigError as e:
+            self.load_failures[name, failure_reason(e)] += 1
             return self._keep_previous(name, previous, str(e))
         policy = version_policy(model_config or mc.ModelConfig())
         model_file = (model_config.default_model_filename if model_config else "") or "model.onnx"
@@ -259,6 +279,7 @@ class Repository:
             except Exception as e:
                 reason = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
                 log.error("model %s version %s failed to load: %s", name, version, reason)
+                self.load_failures[name, failure_reason(e)] += 1
                 failures[version] = reason
                 continue
             log.info("model %s version %s loaded", name, version)
@@ -271,6 +292,7 @@ class Repository:
         try:
             check_versions(name, routing, list(versions))
         except ConfigError as e:
+            self.load_failures[name, failure_reason(e)] += 1
             return self._keep_previous(name, previous, str(e))
         router = previous.router
         if router is None or router.config != routing or router.versions != versions or previous.config_fp != model_fp:
@@ -347,6 +369,19 @@ class Repository:
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
+
+
+def failure_reason(e: BaseException) -> str:
+    """One of LOAD_FAILURE_REASONS: what kind of mistake a failed load was (the log has the message)."""
+    if isinstance(e, Unsupported | _ORT.NotImplemented):  # another platform, an op onnxruntime lacks
+        return "unsupported"
+    if isinstance(e, OSError | _ORT.NoSuchFile) or isinstance(e.__cause__, OSError):
+        return "io_error"  # ConfigError from a config file that cannot be read carries its OSError
+    if isinstance(e, ConfigError):
+        return "invalid_config"
+    if isinstance(e, _ORT.InvalidProtobuf | _ORT.InvalidGraph | _ORT.InvalidArgument | _ORT.NoModel | _ORT.Fail):
+        return "invalid_model"
+    return "other"
 
 
 def _valid_name(name: str) -> bool:

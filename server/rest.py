@@ -6,7 +6,8 @@ framework answered 1.2-1.4x the requests/s of aiohttp on the same loop, with the
 
 The same request path as gRPC (inference.py, protocol.py) answers every call, so an answer, its
 prediction id and its log record are the same on either protocol. Errors are GatewayErrors mapped to
-their HTTP status in one place (`_reply_error`), with the body `{"error": "..."}`.
+their HTTP status in one place (`_reply_error`), with the body `{"error": "..."}`. Every answer is counted
+by the equivalent gRPC RPC (`rpc_of`) and the gRPC status code (onnxgate_requests_total{protocol="http"}).
 
     GET  /v2/health/live | /v2/health/ready | /v2 | /v2/models/stats
     GET  /v2/models/{name}[/versions/{v}][/ready|/config|/stats]
@@ -37,7 +38,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from onnxgate.server import protocol
-from onnxgate.server.errors import BodyTooLarge, GatewayError, Internal, InvalidArgument, NotFound
+from onnxgate.server.errors import BodyTooLarge, GatewayError, Internal, InvalidArgument, NotFound, Unimplemented
 from onnxgate.server.feedback import ACCEPTED, DUPLICATE, PENDING, FeedbackRecord, FeedbackStore, make_record
 from onnxgate.server.feedback import truth_tensor as make_truth_tensor
 from onnxgate.server.inference import Inference, State
@@ -52,6 +53,7 @@ from onnxgate.server.rest_tensors import (
     flatten,
     parse_json,
 )
+from onnxgate.server.stats import RequestCounts
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class UnsupportedMediaType(InvalidArgument):
     http_status = 415
 
 
-class NotImplementedHere(GatewayError):
+class NotImplementedHere(Unimplemented):
     """A service this gateway was started without (feedback without a prediction log)."""
 
     http_status = 501
@@ -107,6 +109,7 @@ class RestApp:
         max_body_bytes: int,
         feedback: FeedbackStore | None = None,
         report: Callable[[str, int], Report] | None = None,
+        answers: RequestCounts | None = None,
     ) -> None:
         self.repository = repository
         self.state = state
@@ -114,34 +117,44 @@ class RestApp:
         self.max_body_bytes = max_body_bytes
         self.feedback = feedback
         self.report = report
+        self.answers = answers if answers is not None else RequestCounts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
         extra: Headers = []
+        rpc = "unknown"
+        raw_path = scope.get("raw_path") or scope["path"].encode()
         try:
             headers = dict(scope["headers"])
             close = self._body_over_limit(headers)
             if close is not None:  # refused before reading: the connection closes, the body is never read
                 status, body, extra = close
+                rpc, code = _rpc_of_raw(raw_path), BodyTooLarge.code.name
             else:
+                path = _segments(raw_path)
+                rpc = rpc_of(path)
                 call = Call(
                     scope["method"],
-                    _segments(scope.get("raw_path") or scope["path"].encode()),
+                    path,
                     parse_qs(scope.get("query_string", b"").decode("latin-1")),
                     headers,
                     await self._read_body(receive, headers),
                 )
                 status, body, extra = await self._dispatch(call)
+                code = "OK" if status < 400 else "UNAVAILABLE"  # 503: not ready (health/ready, model ready)
         except GatewayError as e:
+            code = e.code.name
             status, body = _reply_error(e)
             if isinstance(e, BodyTooLarge):
                 extra = [(b"connection", b"close")]
         except Exception as e:
+            code = "INTERNAL"
             log.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
             status, body = _reply_error(
                 Internal(f"internal error: {type(e).__name__}: {e} (details in the server log)")
             )
+        self.answers.counts["http", rpc, code] += 1
         if self.state.draining:  # clients reconnect, to another replica
             extra = [*extra, (b"connection", b"close")]
         content_type = BINARY_TYPE if any(k == b"Inference-Header-Content-Length" for k, _ in extra) else JSON_TYPE
@@ -428,6 +441,43 @@ def _segments(raw_path: bytes) -> list[str]:
     except UnicodeError:
         raise InvalidArgument("the path is not valid UTF-8 after percent-decoding") from None
     return segments[:-1] if segments and segments[-1] == "" else segments  # a trailing / is harmless
+
+
+# the gRPC RPC a REST path stands for: /v2/models/NAME[/versions/V]/<action> and the server-wide paths
+_MODEL_RPCS = {"infer": "ModelInfer", "": "ModelMetadata", "ready": "ModelReady", "config": "ModelConfig",
+               "stats": "ModelStatistics"}  # fmt: skip
+_UNVERSIONED_RPCS = {**_MODEL_RPCS, "feedback": "SendFeedback", "feedback/report": "FeedbackReport"}
+
+
+def rpc_of(p: list[str]) -> str:
+    """The RPC name a path's answer is counted under, as `_dispatch` routes it; "unknown" for no route."""
+    if p == ["health", "live"]:
+        return "ServerLive"
+    if p == ["health", "ready"]:
+        return "ServerReady"
+    if not p:
+        return "ServerMetadata"
+    if p == ["models", "stats"]:
+        return "ModelStatistics"
+    if p[0] == "repository":
+        if p[1:] == ["index"]:
+            return "RepositoryIndex"
+        if len(p) == 4 and p[1] == "models" and p[2]:
+            return {"load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}.get(p[3], "unknown")
+        return "unknown"
+    if len(p) < 2 or p[0] != "models" or not p[1]:
+        return "unknown"
+    rest = p[2:]
+    if rest[:1] == ["versions"]:
+        return "unknown" if len(rest) < 2 else _MODEL_RPCS.get("/".join(rest[2:]), "unknown")
+    return _UNVERSIONED_RPCS.get("/".join(rest), "unknown")
+
+
+def _rpc_of_raw(raw_path: bytes) -> str:
+    try:
+        return rpc_of(_segments(raw_path))
+    except GatewayError:
+        return "unknown"
 
 
 def _reply_error(e: GatewayError) -> tuple[int, bytes]:

@@ -2,11 +2,13 @@
 
 Each RPC reads its protobuf request, calls the shared request path (inference.py) or the shared
 answers (protocol.py) with plain Python values, and sends the protobuf answer. `@grpc_errors` turns a GatewayError into its status
-code and message; anything else is a bug on our side: logged with its trace, answered INTERNAL.
+code and message; anything else is a bug on our side: logged with its trace, answered INTERNAL. It also
+counts every answer by RPC and status code (onnxgate_requests_total) in the servicer's `answers`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +23,7 @@ from onnxgate.server.model import Tensors
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.repository import Repository
+from onnxgate.server.stats import RequestCounts
 from onnxgate.server.tensors import InferRequest, decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -28,32 +31,47 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[..., Awaitable[R]]
+STREAM_OK, STREAM_INTERNAL = ("grpc", "ModelStreamInfer", "OK"), ("grpc", "ModelStreamInfer", "INTERNAL")
 
 
 def grpc_errors(method: Handler[R]) -> Handler[R]:
+    """Map errors to statuses, and count the answer; the servicer has `answers` (RequestCounts)."""
+    rpc = method.__name__
+    ok, internal, cancelled = (("grpc", rpc, code) for code in ("OK", "INTERNAL", "CANCELLED"))
+
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> R:
+        counts = self.answers.counts
         try:
-            return await method(self, request, context)
+            answer = await method(self, request, context)
         except GatewayError as e:
+            counts["grpc", rpc, e.code.name] += 1
             if isinstance(e, Internal):
-                log.error("internal error in %s: %s", method.__name__, e.message, exc_info=e)
+                log.error("internal error in %s: %s", rpc, e.message, exc_info=e)
             await context.abort(e.code, e.message)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            counts[cancelled] += 1
+            raise
         except Exception as e:
-            log.exception("internal error in %s", method.__name__)
+            counts[internal] += 1
+            log.exception("internal error in %s", rpc)
             await context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e} (details in the server log)"
             )
+        else:
+            counts[ok] += 1
+            return answer
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, state: State, inference: Inference) -> None:
+    def __init__(self, repository: Repository, state: State, inference: Inference, answers: RequestCounts) -> None:
         self.repository = repository
         self.state = state
         self.inference = inference
+        self.answers = answers
 
     @grpc_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -88,22 +106,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # errors travel in error_message so one bad request does not end the stream
+        # errors travel in error_message so one bad request does not end the stream; each answer is counted
+        counts = self.answers.counts
         async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(
-                    infer_response=await self.inference.run(request, decode_request, _encode)
-                )
+                response = await self.inference.run(request, decode_request, _encode)
             except GatewayError as e:
+                counts["grpc", "ModelStreamInfer", e.code.name] += 1
                 yield pb.ModelStreamInferResponse(
                     error_message=e.message, infer_response=pb.ModelInferResponse(id=request.id)
                 )
             except Exception as e:
+                counts[STREAM_INTERNAL] += 1
                 log.exception("internal error in ModelStreamInfer")
                 yield pb.ModelStreamInferResponse(
                     error_message=f"internal error: {type(e).__name__}: {e}",
                     infer_response=pb.ModelInferResponse(id=request.id),
                 )
+            else:
+                counts[STREAM_OK] += 1
+                yield pb.ModelStreamInferResponse(infer_response=response)
 
     @grpc_errors
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
