@@ -2,7 +2,7 @@
 
 gateway = Gateway(settings, repository_root)
 await gateway.start()          # binds, loads models, then reports ready
-await gateway.stop()           # NOT_SERVING, refuse new work, let in-flight requests finish
+await gateway.stop()           # NOT_SERVING, refuse new work, let in-flight requests finish (drain.py)
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.config import Settings, env_name
+from onnxgate.server.drain import drain
 from onnxgate.server.experiments import Experiments, RoutingCollector
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
 from onnxgate.server.inference import Inference, State
@@ -221,23 +223,31 @@ class Gateway:
             self.metrics_port or "off",
         )
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, drain_s: float | None = None, *, stop_grpc: bool = True) -> None:
+        """The drain (server/drain.py): health NOT_SERVING and new requests refused at once; both ports
+        open for the drain phase (`drain_s`, default --drain-delay-s); requests in flight finish within
+        `grace_s` (default --shutdown-grace-s); then the HTTP server stops and the log writers flush and
+        close. The gRPC server stops too unless `stop_grpc` is False: `onnxgate serve` exits with it
+        still answering UNAVAILABLE, since grpc's own stop cancels calls not yet handed to a handler."""
+        start = time.monotonic()
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        delay = self.settings.drain_delay_s if drain_s is None else drain_s
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         for task in (self._poller, self._log_watcher):
             if task is not None:
                 task.cancel()
-        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        # both edges drain together: in-flight requests finish, new ones are refused (UNAVAILABLE / 503)
-        await asyncio.gather(
-            *([self.server.stop(grace)] if self.server is not None else []),
-            *([self.rest.stop(grace)] if self.rest is not None else []),
-        )
+        await drain(self.state, drain_s=min(delay, grace), deadline=start + grace)
+        left = max(0.0, start + grace - time.monotonic())
+        if self.rest is not None:
+            await self.rest.stop(left)
+        if stop_grpc and self.server is not None:
+            await self.server.stop(left)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        # after the server stopped: every answered prediction is queued; write it, roll the segments
+        # after the drain: every answered prediction is queued; write it, roll the segments
         # the uploader last: its final pass uploads what the writers rolled at their close
         for closable in (self.adopter, self.joiner, self.feedback, self.predlog, self.uploader):
             if closable is not None:

@@ -125,6 +125,7 @@ def _unusable_repository(root: Path) -> str | None:
 
 async def _run(settings: Settings, root: Path) -> int:
     from onnxgate.server.app import Gateway, StartupError
+    from onnxgate.server.drain import SETTLE_S
 
     try:
         gateway = Gateway(settings, root)  # takes the prediction log's replica directory
@@ -151,9 +152,19 @@ async def _run(settings: Settings, root: Path) -> int:
     if settings.example:
         print(how_to_call(settings.host, gateway.port, gateway.http_port), file=sys.stderr, flush=True)
     await stop.wait()
-    log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace_s)
-    await gateway.stop()
-    return 0
+    log.info(
+        "shutting down: new requests refused, requests in flight get up to %ss (drain delay %ss)",
+        settings.shutdown_grace_s,
+        settings.drain_delay_s,
+    )
+    await gateway.stop(stop_grpc=False)
+    # the gRPC server still answers new calls UNAVAILABLE: exiting closes its connections, and a call caught
+    # in that moment ends UNAVAILABLE too; grpc's own stop would cancel (CANCELLED) calls it had not yet
+    # handed to a handler (server/drain.py). A moment first for answers just handed to gRPC to go out.
+    await asyncio.sleep(SETTLE_S)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def how_to_call(host: str, port: int, http_port: int = 0) -> str:

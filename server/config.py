@@ -63,7 +63,14 @@ class Settings:
         default=1024, metadata={"help": "max_batch_size given to batchable models without config"}
     )
     shutdown_grace_s: float = field(
-        default=10.0, metadata={"help": "seconds in-flight requests get to finish on shutdown"}
+        default=10.0, metadata={"help": "seconds after SIGTERM that requests in flight get to finish"}
+    )
+    drain_delay_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds after SIGTERM that both ports stay open answering UNAVAILABLE/503, for load balancers"
+            " to move clients away (within the grace; over early after 2 s without requests; 0: none)"
+        },
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     # the prediction log and feedback (server/predlog.py): off unless predlog_dir is set
@@ -140,6 +147,7 @@ class Settings:
         _check(self.inline_run_us >= 0, "inline_run_us", self.inline_run_us, "0 or more microseconds")
         _check(self.default_max_batch_size >= 0, "default_max_batch_size", self.default_max_batch_size, "0 or more")
         _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "0 or more seconds")
+        _check(self.drain_delay_s >= 0, "drain_delay_s", self.drain_delay_s, "0 or more seconds")
         window = self.predlog_quality_window_s
         _check(window > 0, "predlog_quality_window_s", window, "a positive number of seconds")
         _check(

@@ -300,19 +300,26 @@ class FeedbackStore:
         self.duplicates = 0
         self.commits = 0
         self.commit_seconds = 0.0
+        self._closing = False
+        self._closing_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
         self._thread.start()
 
     def submit(self, record: FeedbackRecord) -> Answer:
         """Queue a record; the future gives (FeedbackStatus, feedback id) once it is durable (or raises)."""
         future: Answer = concurrent.futures.Future()
-        try:
-            self._queue.put_nowait((record, future))
-        except queue.Full:
-            raise ResourceExhausted("feedback queue is full; retry later") from None
+        with self._closing_lock:  # queued before close's stop marker, or refused: never left unanswered
+            if self._closing:
+                raise Unavailable("server is shutting down; retry on another replica")
+            try:
+                self._queue.put_nowait((record, future))
+            except queue.Full:
+                raise ResourceExhausted("feedback queue is full; retry later") from None
         return future
 
     def close(self, timeout: float = 30.0) -> None:
+        with self._closing_lock:
+            self._closing = True
         if self._thread.is_alive():
             self._queue.put(_STOP, timeout=timeout)
             self._thread.join(timeout)

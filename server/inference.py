@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from onnxgate.server.errors import ResourceExhausted, Unavailable
 from onnxgate.server.model import ModelVersion, Tensors
@@ -21,6 +21,9 @@ from onnxgate.server.predlog import Recorder
 from onnxgate.server.repository import Repository
 from onnxgate.server.routing import EXPLICIT, Router
 from onnxgate.server.tensors import InferRequest
+
+if TYPE_CHECKING:
+    from onnxgate.server.drain import OpenStream
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,10 @@ class State:
         # a shadow run is dropped while more requests than this are in flight, or as many shadow runs
         self.shadow_max_inflight = max(1, max_inflight // 4)
         self.ready = False
-        self.draining = False
+        self.draining = False  # from SIGTERM on: new requests refused UNAVAILABLE (server/drain.py)
+        self.refused_at = 0.0  # time.monotonic() of the latest request refused while draining
+        self.closing = False  # the drain phase is over: open streams end
+        self.streams: set[OpenStream] = set()  # ModelStreamInfer calls open now
 
 
 class Inference:
@@ -53,6 +59,7 @@ class Inference:
         """Admit, decode, route, run, encode; then the shadow run or the log record, off the answer's path."""
         state = self.state
         if state.draining:
+            state.refused_at = time.monotonic()
             raise Unavailable("server is shutting down; retry on another replica")
         if state.inflight >= state.max_inflight:
             raise ResourceExhausted(f"server overloaded: {state.inflight} requests in flight; retry with backoff")

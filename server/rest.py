@@ -383,6 +383,9 @@ class RestApp:
         )
 
 
+ACCEPTED_READ_S = 0.05  # RestServer.stop: between closing the listener and closing idle connections
+
+
 class RestServer:
     """uvicorn's server on the running loop: started and stopped by the gateway, never by signals."""
 
@@ -427,6 +430,11 @@ class RestServer:
         server.should_exit = True
         if self._ticker is not None:
             await self._ticker
+        # stop accepting, then give the connections just accepted a moment to read their requests (503
+        # while draining): uvicorn's shutdown closes a connection whose request it has not read yet
+        for listener in server.servers:
+            listener.close()
+        await asyncio.sleep(ACCEPTED_READ_S)
         server.config.timeout_graceful_shutdown = max(1, math.ceil(grace_s))
         await server.shutdown()
 

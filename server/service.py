@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from onnxgate.server import protocol
+from onnxgate.server.drain import ends_on_drain
 from onnxgate.server.errors import GatewayError, Internal
 from onnxgate.server.inference import Inference, State
 from onnxgate.server.model import Tensors
@@ -103,6 +104,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return await self.inference.run(request, decode_request, _encode)
 
+    @ends_on_drain  # while draining: UNAVAILABLE ends the stream (server/drain.py)
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:

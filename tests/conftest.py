@@ -60,7 +60,7 @@ class GatewayHandle:
         for channel in self.channels:
             channel.close()
         if self.loop.is_running():
-            self.call(self.gateway.stop(grace_s))
+            self.call(self.gateway.stop(grace_s, drain_s=0))  # no drain phase: nobody to move away
             self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -142,7 +142,12 @@ def spawn_gateway() -> Iterator[Callable[..., SpawnedGateway]]:
             *args,
         ]
         process = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+            cmd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            # no drain phase at SIGTERM (nobody to move away) unless a test sets one: --drain-delay-s wins
+            env={**os.environ, "ONNXGATE_DRAIN_DELAY_S": "0", **(env or {})},
         )
         lines = []
         assert process.stderr is not None

@@ -88,6 +88,25 @@ def matmul_square(size: int) -> onnx.ModelProto:
     return _model(graph)
 
 
+def chained_matmul(size: int, steps: int) -> onnx.ModelProto:
+    """x[size, size] -> y = h_steps, h_i = (h_{i-1} @ h_{i-1}) / size: all ones for ones, exactly, however
+    many steps; slow by `steps` while the request and answer stay small."""
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / size])
+    nodes = []
+    for i in range(steps):
+        h = "x" if i == 0 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [h, h], [f"m{i + 1}"]))
+        nodes.append(helper.make_node("Mul", [f"m{i + 1}", "scale"], ["y" if i + 1 == steps else f"h{i + 1}"]))
+    graph = helper.make_graph(
+        nodes,
+        "chained_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
+        initializer=[scale],
+    )
+    return _model(graph)
+
+
 def write_version(
     repo: Path, name: str, version: int, model: onnx.ModelProto | bytes, config: str | None = None
 ) -> Path:

@@ -17,7 +17,7 @@ import tritonclient.grpc as tc
 
 from onnxgate.server.cli import how_to_call
 from onnxgate.server.config import Settings, SettingsError, load_settings
-from tests.models import matmul_square, write_version
+from tests.models import chained_matmul, write_version
 
 
 def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -83,32 +83,45 @@ def test_serve_rejects_bad_flag_with_exit_2(tmp_path: Path) -> None:
 
 
 def test_serve_example_then_sigterm_drains_in_flight(spawn_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    write_version(tmp_path, "slow", 1, matmul_square(800))
-    gw = spawn_gateway("--model-repository", str(tmp_path), "--inference-threads", "1")
+    """SIGTERM with three gRPC requests in flight (one inference thread: one runs, two queue): all three are
+    answered, then the process exits 0. The model is slow by construction (chained_matmul: ~0.15 s a request
+    on a fast core), so the three are surely in flight together; tests/core/test_drain.py has the load."""
+    size = 512
+    write_version(tmp_path, "slow", 1, chained_matmul(size, 120))
+    gw = spawn_gateway(
+        "--model-repository", str(tmp_path), "--inference-threads", "1", "--shutdown-grace-s", "120",
+        "--drain-delay-s", "5",  # the default; spawn_gateway's is 0
+    )  # fmt: skip
     client = tc.InferenceServerClient(gw.address)
     assert client.is_server_ready()
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'onnxgate_model_version_ready{model="slow",version="1"} 1.0' in metrics
 
-    x = np.ones((800, 800), np.float32)
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=10).read().decode()
+
+    assert 'onnxgate_model_version_ready{model="slow",version="1"} 1.0' in metrics()
+    x = np.ones((size, size), np.float32)
     results: list[object] = []
 
     def slow_request() -> None:
-        inp = tc.InferInput("x", [800, 800], "FP32")
+        inp = tc.InferInput("x", [size, size], "FP32")
         inp.set_data_from_numpy(x)
         try:
-            results.append(client.infer("slow", [inp]).as_numpy("y")[0, 0])
+            y = client.infer("slow", [inp]).as_numpy("y")
+            results.append(float(y[0, 0]) if y is not None and bool((y == y[0, 0]).all()) else y)
         except Exception as e:
             results.append(e)
 
     threads = [threading.Thread(target=slow_request) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # requests in flight (queued on one inference thread)
-    assert gw.terminate() == 0
+    deadline = time.monotonic() + 30
+    while "onnxgate_inflight_requests 3.0" not in (text := metrics()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert "onnxgate_inflight_requests 3.0" in text and not results, results  # all three in flight
+    assert gw.terminate(timeout=60) == 0
     for t in threads:
-        t.join()
-    assert results == [800.0, 800.0, 800.0]  # every accepted request finished before exit
+        t.join(30)
+    assert results == [1.0, 1.0, 1.0]  # every accepted request finished before exit
 
 
 def test_serve_example_builds_and_serves(spawn_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from onnxgate.server.app import Gateway
 from onnxgate.server.config import load_settings
 from tests.conftest import GatewayHandle
-from tests.models import add_mul, identity, write_version
+from tests.models import add_mul, chained_matmul, identity, write_version
 
 LIMIT = 1 << 20  # the gateway's max_message_bytes: the body limit too
 VALID = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
@@ -705,27 +703,6 @@ def test_draining_answers_503_to_new_work(gateway: GatewayHandle, port: int) -> 
     finally:
         gateway.call(set_draining(False))
     assert send(port, "GET", "/v2/health/ready")[0] == 200
-
-
-def chained_matmul(size: int, steps: int) -> onnx.ModelProto:
-    """x[size, size] -> y = h_steps, h_i = (h_{i-1} @ h_{i-1}) / size: all ones for ones, exactly, however
-    many steps; slow by `steps` while the request and answer stay small."""
-    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / size])
-    nodes = []
-    for i in range(steps):
-        h = "x" if i == 0 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [h, h], [f"m{i + 1}"]))
-        nodes.append(helper.make_node("Mul", [f"m{i + 1}", "scale"], ["y" if i + 1 == steps else f"h{i + 1}"]))
-    graph = helper.make_graph(
-        nodes,
-        "chained_matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])],
-        initializer=[scale],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def test_sigterm_drains_http_requests_in_flight(spawn_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
