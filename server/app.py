@@ -70,6 +70,7 @@ class Gateway:
             intra_op_threads=settings.ort_intra_op_threads,
             default_max_batch_size=settings.default_max_batch_size,
             inline_run_ns=settings.inline_run_us * 1000,
+            max_upload_bytes=settings.max_upload_bytes,
         )
         # answers by protocol, RPC and status code, counted by both edges (onnxgate_requests_total)
         self.answers = RequestCounts()

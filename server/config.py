@@ -52,6 +52,10 @@ class Settings:
     max_message_bytes: int = field(
         default=256 * 1024 * 1024, metadata={"help": "largest gRPC message accepted or sent"}
     )
+    max_upload_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"help": "largest model upload (RepositoryModelLoad files and config, in all) accepted"},
+    )
     max_inflight: int = field(default=1024, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
     inference_threads: int = field(default=0, metadata={"help": "threads running onnxruntime (0: one per core)"})
     ort_intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads inside one run"})
@@ -141,6 +145,7 @@ class Settings:
         )
         _check(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "a positive number of seconds")
         _check(self.max_message_bytes >= 4096, "max_message_bytes", self.max_message_bytes, "at least 4096")
+        _check(self.max_upload_bytes >= 1, "max_upload_bytes", self.max_upload_bytes, "at least 1 byte")
         _check(self.max_inflight >= 1, "max_inflight", self.max_inflight, "at least 1")
         _check(self.inference_threads >= 0, "inference_threads", self.inference_threads, "0 or more")
         _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")

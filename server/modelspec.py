@@ -23,6 +23,7 @@ from onnxgate.server.tensors import BY_CONFIG_ENUM, DATATYPES
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
+_FILENAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)
 MODEL_CARD_FILE = "model_card.json"  # written by the learning loop (learning/decisions.py)
 PLATFORM = "onnxruntime_onnx"
 
@@ -232,7 +233,18 @@ def _merge(
     return tuple(specs)
 
 
+def check_filename(model: str, field: str, filename: str) -> None:
+    """A file a config names (default_model_filename, label_filename) is one portable name in the
+    model's directories: never a path, so an uploaded config cannot read /etc/passwd as labels."""
+    if _FILENAME.fullmatch(filename) is None or len(filename) > 255:
+        raise ConfigError(
+            f"model {model!r}: {field} {filename[:300]!r} is not a file name in the model directory (letters,"
+            " digits, '_', '.', '-', not starting with '.' or '-'; no '/')"
+        )
+
+
 def _read_labels(version_dir: Path, filename: str, model: str) -> list[str]:
+    check_filename(model, "label_filename", filename)
     for path in (version_dir / filename, version_dir.parent / filename):
         if path.is_file():
             return [line.strip() for line in path.read_text().splitlines() if line.strip()]

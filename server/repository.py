@@ -5,12 +5,26 @@ A new version is loaded and warmed in a worker thread, then published by replaci
 hold and finish on it. A version that fails to load is reported in the index with its reason, and
 the versions served before keep serving. Load, unload and polling take one asyncio lock, so the
 repository changes one step at a time.
+
+Uploads (Triton's RepositoryModelLoad with `config` and `file:<version>/<name>` parameters) are
+confined to the repository: every path component is checked (portable file names only; no absolute
+paths, '..', backslashes, NUL or empty components), files are created with O_EXCL|O_NOFOLLOW under
+directories opened with O_NOFOLLOW, so nothing is written through a symlink, and the whole upload is
+capped (max_upload_bytes). A model directory is written in a hidden `.upload-<pid>-<hex>` staging
+directory, synced, then swapped in with one atomic rename (RENAME_EXCHANGE where the kernel has
+it): a crash leaves either the old directory or the new one, never half of one; the staging
+directories a killed process left are removed at the next start and are never loaded (hidden names
+are not model names).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import errno
 import logging
+import os
 import re
 import shutil
 import uuid
@@ -23,7 +37,13 @@ from pathlib import Path
 import onnxruntime as ort
 from google.protobuf import text_format
 
-from onnxgate.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from onnxgate.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from onnxgate.server.model import ModelVersion
 from onnxgate.server.modelspec import (
     CONFIG_FILE,
@@ -31,6 +51,7 @@ from onnxgate.server.modelspec import (
     ModelSpec,
     Unsupported,
     build_spec,
+    check_filename,
     config_from_json,
     read_config,
     version_policy,
@@ -41,9 +62,16 @@ from onnxgate.server.runtime import OnnxModel
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", re.ASCII)  # fullmatch: '$' let "name\n" through
 NAME_MAX = 255  # a directory name's bytes on the file systems we run on: longer ones fail with ENAMETOOLONG
-UPLOAD_FILE = re.compile(r"^(?:(\d+)/)?([A-Za-z0-9_][A-Za-z0-9_.-]*)$")
+# POSIX portable file name characters, not starting with '.' or '-' (no hidden files, no options)
+PORTABLE_NAME = MODEL_NAME
+VERSION_DIR = re.compile(r"[1-9][0-9]*", re.ASCII)
+VERSION_MAX = 2**63 - 1  # Triton's versions are int64
+UPLOAD_MAX_DEPTH = 8  # components of one `file:` path, the version included
+UPLOAD_MAX_FILES = 1024
+# hidden work directories in the repository root: never model names, removed at start when left behind
+STAGING_PREFIXES = (".upload-", ".replaced-")
 Fingerprint = tuple[tuple[str, int, int], ...]
 # why a load failed, for onnxgate_model_load_failures_total (failure_reason): a small fixed set
 LOAD_FAILURE_REASONS = ("invalid_model", "invalid_config", "unsupported", "io_error", "other")
@@ -90,8 +118,10 @@ class Repository:
         intra_op_threads: int,
         default_max_batch_size: int,
         inline_run_ns: int = 0,
+        max_upload_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.root = root
+        self.max_upload_bytes = max_upload_bytes
         self.control_mode = control_mode
         self._executor = executor
         self._intra_op_threads = intra_op_threads
@@ -103,6 +133,7 @@ class Repository:
         self.load_failures: Counter[tuple[str, str]] = Counter()
         self.polls = 0
         self.poll_errors = 0
+        remove_leftover_staging(root)
 
     # -- reads (hot path: no lock, no I/O) -------------------------------------------------
 
@@ -179,7 +210,8 @@ class Repository:
                 entries.append(IndexEntry(name, "", "UNAVAILABLE", served.error))
             for version in sorted(set(served.versions) | set(served.failures)):
                 if version in served.versions:
-                    entries.append(IndexEntry(name, str(version), "READY", ""))
+                    # a reload that failed while the copy loaded before serves on: READY, with the reason
+                    entries.append(IndexEntry(name, str(version), "READY", served.failures.get(version, "")))
                 else:
                     entries.append(IndexEntry(name, str(version), "UNAVAILABLE", served.failures[version]))
         return [e for e in entries if e.state == "READY"] if ready_only else entries
@@ -219,9 +251,11 @@ class Repository:
                 "explicit model load is refused while the repository is polled (model control mode 'poll')"
             )
         _check_model_name(name)
+        _check_upload_size(config_json, files, self.max_upload_bytes)
+        paths = {key: upload_path(key) for key in files}  # every path refused before anything is written
         async with self._lock:
             if files or config_json is not None:
-                await asyncio.to_thread(self._write_model_dir, name, config_json, files)
+                await asyncio.to_thread(self._write_model_dir, name, config_json, files, paths)
             if not (self.root / name).is_dir():
                 raise NotFound(f"no model directory {name!r} in the repository {self.root}")
             served = await self._load_model(name)
@@ -243,7 +277,7 @@ class Repository:
     def _names_on_disk(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
 
     async def _load_model(self, name: str) -> Served:
         model_dir = self.root / name
@@ -257,9 +291,19 @@ class Repository:
             return self._keep_previous(name, previous, str(e))
         policy = version_policy(model_config or mc.ModelConfig())
         model_file = (model_config.default_model_filename if model_config else "") or "model.onnx"
-        available = [
-            int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / model_file).is_file()
-        ]
+        try:
+            check_filename(name, "default_model_filename", model_file)
+            available = [
+                int(p.name)
+                for p in model_dir.iterdir()
+                if VERSION_DIR.fullmatch(p.name) and int(p.name) <= VERSION_MAX and (p / model_file).is_file()
+            ]
+        except ConfigError as e:
+            self.load_failures[name, failure_reason(e)] += 1
+            return self._keep_previous(name, previous, str(e))
+        except OSError as e:  # the directory went away between the scan and here: the next poll unloads it
+            self.load_failures[name, failure_reason(e)] += 1
+            return self._keep_previous(name, previous, f"cannot list the model directory: {e}")
         model_fp = _fingerprint(config_path)
         versions: dict[int, ModelVersion] = {}
         fingerprints: dict[int, Fingerprint] = {}
@@ -280,6 +324,12 @@ class Repository:
                 reason = f"{type(e).__name__}: {e}" if not isinstance(e, ConfigError) else str(e)
                 log.error("model %s version %s failed to load: %s", name, version, reason)
                 self.load_failures[name, failure_reason(e)] += 1
+                if version in previous.versions:
+                    # its file changed on disk and no longer loads (corrupted, truncated, half-copied): the
+                    # copy loaded before is in memory and keeps serving; the index shows why the reload failed
+                    reason = f"reload failed, the version loaded before keeps serving: {reason}"
+                    versions[version] = previous.versions[version]
+                    fingerprints[version] = previous.fingerprints[version]
                 failures[version] = reason
                 continue
             log.info("model %s version %s loaded", name, version)
@@ -342,33 +392,195 @@ class Repository:
             log.warning("model %s version %s: warm-up run failed (%s); serving it cold", name, version, e)
         return loaded
 
-    def _write_model_dir(self, name: str, config_json: str | None, files: Mapping[str, bytes]) -> None:
+    def _write_model_dir(
+        self, name: str, config_json: str | None, files: Mapping[str, bytes], paths: Mapping[str, tuple[str, ...]]
+    ) -> None:
         """Triton's upload: the `config` and `file:<version>/<name>` load parameters become the model dir."""
-        staged = self.root / f".upload-{uuid.uuid4().hex}"
+        staged = self.root / f".upload-{os.getpid()}-{uuid.uuid4().hex}"
         target = self.root / name
         try:
-            if target.is_dir() and not files:
-                shutil.copytree(target, staged)
+            if target.is_dir() and not files:  # a new config for the files already there
+                shutil.copytree(target, staged, symlinks=True)
             else:
                 staged.mkdir(parents=True)
             if config_json is not None:
                 config = config_from_json(config_json)
                 config.name = name
-                (staged / CONFIG_FILE).write_text(text_format.MessageToString(config))
+                with contextlib.suppress(FileNotFoundError):
+                    (staged / CONFIG_FILE).unlink()  # a link is removed, never written through
+                _write_confined(staged, (CONFIG_FILE,), text_format.MessageToString(config).encode(), "config")
             for key, data in files.items():
-                match = UPLOAD_FILE.match(key)
-                if match is None:
-                    raise InvalidArgument(f"load parameter 'file:{key}': expected 'file:<version>/<filename>'")
-                dest = staged / (match.group(1) or "") / match.group(2)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-            old = self.root / f".replaced-{uuid.uuid4().hex}"
-            if target.exists():
-                target.rename(old)
-            staged.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+                _write_confined(staged, paths[key], data, f"file:{key}")
+            _fsync_tree(staged)
+            if not (target.is_dir() and _exchange(staged, target)):  # exchanged: staged holds the old dir
+                old = self.root / f".replaced-{os.getpid()}-{uuid.uuid4().hex}"
+                if target.exists():
+                    target.rename(old)
+                staged.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(self.root)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"model {name!r} was not written: the repository's disk is full ({e})") from e
+            raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
+
+
+def upload_path(key: str) -> tuple[str, ...]:
+    """A `file:` load parameter's path -> its components, or InvalidArgument saying what is wrong.
+
+    `<version>/<name>[/<name>...]` (a positive integer version, then portable names) or a single
+    portable `<name>` in the model directory itself."""
+    where = f"load parameter 'file:{key[:300]}'"
+    shape = "expected 'file:<version>/<filename>', e.g. 'file:1/model.onnx'"
+    if "\x00" in key:
+        raise InvalidArgument(f"{where}: the path holds a NUL character; {shape}")
+    if "\\" in key:
+        raise InvalidArgument(f"{where}: backslashes are refused (the separator is '/'); {shape}")
+    if key.startswith("/"):
+        raise InvalidArgument(f"{where}: absolute paths are refused, files stay in the model directory; {shape}")
+    parts = tuple(key.split("/"))
+    if "" in parts:
+        raise InvalidArgument(f"{where}: empty path component (a leading, trailing or doubled '/'); {shape}")
+    if "." in parts or ".." in parts:
+        raise InvalidArgument(f"{where}: '.' and '..' are refused, files stay in the model directory; {shape}")
+    if len(parts) > UPLOAD_MAX_DEPTH:
+        raise InvalidArgument(f"{where}: more than {UPLOAD_MAX_DEPTH} path components")
+    if len(parts) > 1 and (VERSION_DIR.fullmatch(parts[0]) is None or int(parts[0]) > VERSION_MAX):
+        raise InvalidArgument(
+            f"{where}: the version {parts[0][:300]!r} is not a positive integer (1 to {VERSION_MAX}, no leading"
+            f" zeros); {shape}"
+        )
+    for part in parts:
+        if PORTABLE_NAME.fullmatch(part) is None or len(part) > NAME_MAX:
+            raise InvalidArgument(
+                f"{where}: {part[:300]!r} is not a portable file name (letters, digits, '_', '.', '-', not"
+                f" starting with '.' or '-', at most {NAME_MAX} characters); {shape}"
+            )
+    return parts
+
+
+def remove_leftover_staging(root: Path) -> None:
+    """Remove the hidden upload work directories a killed process left in the repository root.
+
+    Each carries its writer's pid: those of a process that is gone, or of this pid (a previous
+    process with the same pid, as in a restarted container), are removed; a live writer's stay."""
+    try:
+        entries = list(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        return
+    for path in entries:
+        prefix = next((p for p in STAGING_PREFIXES if path.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        pid = path.name.removeprefix(prefix).partition("-")[0]
+        if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        log.warning("removing %s, an upload a stopped process left unfinished", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _write_confined(root: Path, parts: tuple[str, ...], data: bytes, what: str) -> None:
+    """Write data at root/parts: directories opened O_NOFOLLOW, the file created O_EXCL|O_NOFOLLOW."""
+    if not root.joinpath(*parts).resolve().is_relative_to(root.resolve()):  # upload_path refused it already
+        raise InvalidArgument(f"load parameter '{what}' names a path outside the model directory")
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, dir_flags)
+    try:
+        for part in parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=fd)
+            try:
+                sub = os.open(part, dir_flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise InvalidArgument(
+                        f"load parameter '{what}': {part!r} is a file or a link, not a directory"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = sub
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            out = os.open(parts[-1], flags, 0o644, dir_fd=fd)
+        except FileExistsError:
+            raise InvalidArgument(
+                f"load parameter '{what}': the path is given twice, or is a directory of another file"
+                " (or 'file:config.pbtxt' beside the 'config' parameter)"
+            ) from None
+        with os.fdopen(out, "wb") as f:
+            f.write(data)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root: an acknowledged upload survives a power loss."""
+    for dirpath, _dirs, filenames in os.walk(root):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+class UploadTooLarge(ResourceExhausted):
+    """An upload over max_upload_bytes or UPLOAD_MAX_FILES (HTTP 413, as a body over the limit)."""
+
+    http_status = 413
+
+
+def _check_upload_size(config_json: str | None, files: Mapping[str, bytes], limit: int) -> None:
+    if len(files) > UPLOAD_MAX_FILES:
+        raise UploadTooLarge(f"an upload of {len(files)} files is over the limit of {UPLOAD_MAX_FILES} files")
+    total = sum(len(data) for data in files.values()) + len((config_json or "").encode())
+    if total > limit:
+        raise UploadTooLarge(
+            f"an upload of {total} bytes (files and config together) is over the limit of {limit} bytes"
+            " (max_upload_bytes)"
+        )
 
 
 def failure_reason(e: BaseException) -> str:
@@ -385,7 +597,7 @@ def failure_reason(e: BaseException) -> str:
 
 
 def _valid_name(name: str) -> bool:
-    return len(name) <= NAME_MAX and MODEL_NAME.match(name) is not None
+    return len(name) <= NAME_MAX and MODEL_NAME.fullmatch(name) is not None
 
 
 def _check_model_name(name: str) -> None:
