@@ -145,12 +145,13 @@ class Repository:
             latest = served.latest
             assert latest is not None
             return latest
-        try:
-            number = int(version)
-        except ValueError:
+        # digits only: int() also takes ' 1', '1_0', '+1' and other scripts' digits
+        if not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise InvalidArgument(
-                f"model version {version!r} is not an integer; send '' for the served version"
-            ) from None
+                f"model version {version[:40]!r} is not an integer (digits 0-9, at most 18); send '' for the"
+                " served version"
+            )
+        number = int(version)
         found = served.versions.get(number)
         if found is None:
             raise NotFound(

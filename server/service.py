@@ -26,6 +26,7 @@ from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.repository import Repository
 from onnxgate.server.stats import RequestCounts
 from onnxgate.server.tensors import InferRequest, decode_request, encode_response
+from onnxgate.server.wire import details
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def grpc_errors(method: Handler[R]) -> Handler[R]:
             counts["grpc", rpc, e.code.name] += 1
             if isinstance(e, Internal):
                 log.error("internal error in %s: %s", rpc, e.message, exc_info=e)
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, details(e.message))  # bounded: it travels in a trailer
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
             counts[cancelled] += 1
             raise
@@ -57,7 +58,8 @@ def grpc_errors(method: Handler[R]) -> Handler[R]:
             counts[internal] += 1
             log.exception("internal error in %s", rpc)
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e} (details in the server log)"
+                grpc.StatusCode.INTERNAL,
+                details(f"internal error: {type(e).__name__}: {e} (details in the server log)"),
             )
         else:
             counts[ok] += 1
