@@ -7,6 +7,11 @@
         result["label"], result.id                     # numpy arrays by output name; the prediction id
         client.send_feedback(result.id, label="0")     # ground truth for that prediction
 
+Over TLS, with a bearer token (README "Security"):
+
+    Client("gateway:8001", tls=TLS(root_certificates="ca.pem"), token=open("token").read().strip())
+    Client("gateway:8001", tls=TLS("ca.pem", certificate_chain="client.pem", private_key="client.key"))  # mTLS
+
 `AsyncClient` has the same methods as coroutines. Every failure, the server's or the channel's, is one
 exception type, `OnnxgateError`, carrying the gRPC status code and the server's message.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import grpc
@@ -32,6 +38,7 @@ from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.tensors import DATATYPES, decode_raw, encode_raw
 
 __all__ = [
+    "TLS",
     "AsyncClient",
     "Client",
     "Feedback",
@@ -132,6 +139,50 @@ class FeedbackReport:
     pending: int
     unknown: int
     unknown_ids: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS for the channel. Each PEM is a file name (str or Path) or the PEM bytes themselves.
+
+    root_certificates: the CA that signed the server's certificate (None: the system's roots);
+    certificate_chain and private_key: this client's certificate and key, for mutual TLS;
+    server_name: the name the server's certificate is checked against, when it differs from the address's
+    host (e.g. connecting by IP to a certificate for a DNS name)."""
+
+    root_certificates: str | Path | bytes | None = None
+    certificate_chain: str | Path | bytes | None = None
+    private_key: str | Path | bytes | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.root_certificates),
+            private_key=_pem(self.private_key),
+            certificate_chain=_pem(self.certificate_chain),
+        )
+
+
+def _pem(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).expanduser().read_bytes()
+
+
+def _channel_settings(
+    max_message_bytes: int, tls: TLS | bool | None, token: str | None
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None, tuple[tuple[str, str], ...] | None]:
+    """Channel options, credentials (None: plaintext) and the metadata every call carries."""
+    options: list[tuple[str, Any]] = list(_options(max_message_bytes))
+    if tls is True:
+        tls = TLS()
+    credentials = None
+    if isinstance(tls, TLS):
+        credentials = tls.credentials()
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    return options, credentials, metadata
 
 
 # ---- requests and answers, shared by Client and AsyncClient ----
@@ -275,14 +326,25 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class Client:
-    """A blocking client. `timeout` (seconds) is the default deadline of every call; each call can override it."""
+    """A blocking client. `timeout` (seconds) is the default deadline of every call; each call can override it.
+    `tls`: TLS(...) or True (the system's roots) for a TLS channel; `token`: sent as `authorization: Bearer`."""
 
     def __init__(
-        self, address: str = "localhost:8001", *, timeout: float | None = 60.0, max_message_bytes: int = 2**31 - 1
+        self,
+        address: str = "localhost:8001",
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 2**31 - 1,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=_options(max_message_bytes))
+        options, credentials, self._metadata = _channel_settings(max_message_bytes, tls, token)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._feedback = fb_grpc.FeedbackStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -297,7 +359,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise _error(error) from None
 
@@ -371,11 +433,21 @@ class AsyncClient:
     """The asyncio client: the same calls as `Client`, as coroutines, on a grpc.aio channel."""
 
     def __init__(
-        self, address: str = "localhost:8001", *, timeout: float | None = 60.0, max_message_bytes: int = 2**31 - 1
+        self,
+        address: str = "localhost:8001",
+        *,
+        timeout: float | None = 60.0,
+        max_message_bytes: int = 2**31 - 1,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_options(max_message_bytes))
+        options, credentials, self._metadata = _channel_settings(max_message_bytes, tls, token)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._inference = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._feedback = fb_grpc.FeedbackStub(self._channel)  # type: ignore[no-untyped-call]
 
@@ -390,7 +462,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as error:  # grpc.aio.AioRpcError is one
             raise _error(error) from None
 

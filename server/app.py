@@ -22,6 +22,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from onnxgate.server.adopt import Adopter, AdoptionCollector
+from onnxgate.server.auth import Auth, AuthCollector, AuthInterceptor, TlsError, TokenFileError, check_tls
 from onnxgate.server.config import Settings, env_name
 from onnxgate.server.drain import drain
 from onnxgate.server.experiments import Experiments, RoutingCollector
@@ -42,7 +43,6 @@ from onnxgate.server.repository import Repository
 from onnxgate.server.rest import RestApp, RestServer
 from onnxgate.server.service import InferenceServicer
 from onnxgate.server.stats import RequestCounts
-from onnxgate.server.wire import parsing
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,15 @@ class Gateway:
         # answers by protocol, RPC and status code, counted by both edges (onnxgate_requests_total)
         self.answers = RequestCounts()
         self.registry = gateway_registry(self.repository, self.state, self.answers)
+        # access control (server/auth.py): TLS files and token files checked before anything starts
+        try:
+            self.tls = _tls(settings, "")
+            self.metrics_tls = _tls(settings, "metrics_")
+            self.auth = Auth.from_settings(settings, self.answers)
+        except (TlsError, TokenFileError) as e:
+            raise StartupError(str(e)) from None
+        if self.auth is not None:
+            self.registry.register(AuthCollector(self.auth))
         self.registry.register(RoutingCollector(self.repository))
         self.experiments = Experiments(self.repository)
         # the prediction log, feedback and their join (server/predlog.py): only with predlog_dir set
@@ -147,9 +156,11 @@ class Gateway:
         # metrics and HTTP bind before gRPC so that a taken port fails with nothing started yet
         if s.metrics_port >= 0:
             try:
-                self._metrics_server, self.metrics_port = serve_metrics(self.registry, s.host, s.metrics_port)
+                self._metrics_server, self.metrics_port = serve_metrics(
+                    self.registry, s.metrics_host or s.host, s.metrics_port, self.metrics_tls
+                )
             except OSError as e:
-                raise _port_error("metrics_port", s.host, s.metrics_port, e) from None
+                raise _port_error("metrics_port", s.metrics_host or s.host, s.metrics_port, e) from None
         if s.http_port >= 0:
             app = RestApp(
                 self.repository,
@@ -159,8 +170,9 @@ class Gateway:
                 self.feedback,
                 self._report if self.feedback is not None else None,
                 answers=self.answers,
+                auth=self.auth,
             )
-            self.rest = RestServer(app)
+            self.rest = RestServer(app, self.tls)
             try:
                 await self.rest.start(s.host, s.http_port)
             except OSError as e:
@@ -172,14 +184,15 @@ class Gateway:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.inference, self.answers), parsing(self.server)
+            InferenceServicer(self.repository, self.state, self.inference, self.answers), self.server
         )
-        services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        services = [SERVICE_NAME, health.SERVICE_NAME]
         if self.feedback is not None and self.joiner is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(  # type: ignore[no-untyped-call]
-                FeedbackServicer(self.feedback, self._report, self.answers), parsing(self.server)
+                FeedbackServicer(self.feedback, self._report, self.answers), self.server
             )
             services.append(FEEDBACK_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -187,9 +200,19 @@ class Gateway:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         _add_to_pool(health_pb2)
         _add_to_pool(reflection_pb2)
-        reflection.enable_server_reflection(services, self.server, pool=POOL)
+        if s.reflection:
+            reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], self.server, pool=POOL)
         try:
-            self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            if self.tls is not None:
+                cert, key, client_ca = self.tls
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(key).read_bytes(), Path(cert).read_bytes())],
+                    root_certificates=Path(client_ca).read_bytes() if client_ca else None,
+                    require_client_auth=client_ca is not None,
+                )
+                self.port = self.server.add_secure_port(f"{s.host}:{s.grpc_port}", credentials)
+            else:
+                self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError:  # taken between the probe and here
             self.port = 0
         if self.port == 0:
@@ -290,6 +313,16 @@ class Gateway:
     async def wait(self) -> None:
         assert self.server is not None
         await self.server.wait_for_termination()
+
+
+def _tls(settings: Settings, prefix: str) -> tuple[str, str, str | None] | None:
+    """The checked (cert, key, client CA) file names of the gRPC/HTTP ports ("") or the metrics port."""
+    cert, key = getattr(settings, f"{prefix}tls_cert_file"), getattr(settings, f"{prefix}tls_key_file")
+    if cert is None or key is None:
+        return None
+    client_ca = getattr(settings, f"{prefix}tls_client_ca_file")
+    check_tls(cert, key, client_ca, prefix)
+    return str(cert), str(key), str(client_ca) if client_ca is not None else None
 
 
 def _choose(setting: str) -> str:

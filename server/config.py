@@ -41,6 +41,35 @@ class Settings:
         default=8000, metadata={"help": "HTTP/REST port of the same protocol (0: any free port, -1: off)"}
     )
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0: any free port, -1: off)"})
+    # access control (server/auth.py, README "Security")
+    tls_cert_file: Path | None = field(
+        default=None, metadata={"help": "PEM certificate chain: TLS on the gRPC and HTTP/REST ports (with the key)"}
+    )
+    tls_key_file: Path | None = field(default=None, metadata={"help": "PEM private key of tls_cert_file"})
+    tls_client_ca_file: Path | None = field(
+        default=None, metadata={"help": "PEM CA: mutual TLS, clients must present a certificate it signed"}
+    )
+    metrics_host: str = field(default="", metadata={"help": "address the metrics port listens on (empty: host)"})
+    metrics_tls_cert_file: Path | None = field(
+        default=None, metadata={"help": "PEM certificate chain: TLS on the metrics port (with the key)"}
+    )
+    metrics_tls_key_file: Path | None = field(
+        default=None, metadata={"help": "PEM private key of metrics_tls_cert_file"}
+    )
+    metrics_tls_client_ca_file: Path | None = field(
+        default=None, metadata={"help": "PEM CA: scrapers of the metrics port must present a certificate it signed"}
+    )
+    inference_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "bearer tokens (one a line, re-read on change) for inference, metadata, index (unset: open)"},
+    )
+    feedback_token_file: Path | None = field(
+        default=None, metadata={"help": "bearer tokens for feedback and its report (unset: open)"}
+    )
+    control_token_file: Path | None = field(
+        default=None, metadata={"help": "bearer tokens for model load/unload and uploads (unset: open)"}
+    )
+    reflection: bool = field(default=True, metadata={"help": "serve gRPC reflection (for grpcurl)"})
     model_control_mode: str = field(
         default="none",
         metadata={"help": "none: load all at start; poll: also watch the repository; explicit: load/unload by RPC"},
@@ -143,6 +172,14 @@ class Settings:
         _check(
             -1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "a port number 0-65535, or -1 for off"
         )
+        for prefix in ("", "metrics_"):
+            cert, key = getattr(self, f"{prefix}tls_cert_file"), getattr(self, f"{prefix}tls_key_file")
+            if (cert is None) != (key is None):
+                raise SettingsError(f"{prefix}tls_cert_file and {prefix}tls_key_file go together: set both, or neither")
+            if cert is None and getattr(self, f"{prefix}tls_client_ca_file") is not None:
+                raise SettingsError(
+                    f"{prefix}tls_client_ca_file needs TLS: set {prefix}tls_cert_file and {prefix}tls_key_file too"
+                )
         _check(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "a positive number of seconds")
         _check(self.max_message_bytes >= 4096, "max_message_bytes", self.max_message_bytes, "at least 4096")
         _check(self.max_upload_bytes >= 1, "max_upload_bytes", self.max_upload_bytes, "at least 1 byte")

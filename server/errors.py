@@ -9,6 +9,8 @@ GatewayError              base: a code and a message that tells the caller what 
   FailedPrecondition      the server's mode refuses the call           -> FAILED_PRECONDITION 400
   Internal                onnxruntime or other failure on our side     -> INTERNAL            500 (logged with trace)
   Unimplemented           a service this gateway was started without   -> UNIMPLEMENTED       501
+  Unauthenticated         no bearer token, or not `Bearer <token>`     -> UNAUTHENTICATED     401
+  PermissionDenied        a token the call's plane does not hold       -> PERMISSION_DENIED   403
 """
 
 from __future__ import annotations
@@ -66,3 +68,17 @@ class BodyTooLarge(ResourceExhausted):
 class Unimplemented(GatewayError):
     code = grpc.StatusCode.UNIMPLEMENTED
     http_status = 501
+
+
+class Unauthenticated(GatewayError):
+    """No credentials for a plane that needs a token (server/auth.py); HTTP adds WWW-Authenticate: Bearer."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class PermissionDenied(GatewayError):
+    """A token that is not one of the plane's (server/auth.py)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403

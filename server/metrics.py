@@ -140,6 +140,22 @@ class GatewayCollector(Collector):
         )
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, tls: tuple[str, str, str | None] | None = None
+) -> tuple[WSGIServer, int]:
+    """/metrics on `host:port`; `tls` (cert, key, client CA or None): HTTPS, client certificates required
+    when a client CA is given."""
+    if tls is None:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    else:
+        cert, key, client_ca = tls
+        server, _thread = start_http_server(
+            port,
+            addr=host,
+            registry=registry,
+            certfile=cert,
+            keyfile=key,
+            client_cafile=client_ca,
+            client_auth_required=client_ca is not None,
+        )
     return server, server.server_port

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import socket
+import ssl
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,16 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from onnxgate.server import protocol
-from onnxgate.server.errors import BodyTooLarge, GatewayError, Internal, InvalidArgument, NotFound, Unimplemented
+from onnxgate.server.auth import Auth, rest_plane
+from onnxgate.server.errors import (
+    BodyTooLarge,
+    GatewayError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unimplemented,
+)
 from onnxgate.server.feedback import ACCEPTED, DUPLICATE, PENDING, FeedbackRecord, FeedbackStore, make_record
 from onnxgate.server.feedback import truth_tensor as make_truth_tensor
 from onnxgate.server.inference import Inference, State
@@ -110,7 +120,9 @@ class RestApp:
         feedback: FeedbackStore | None = None,
         report: Callable[[str, int], Report] | None = None,
         answers: RequestCounts | None = None,
+        auth: Auth | None = None,
     ) -> None:
+        self.auth = auth  # bearer tokens per plane (server/auth.py); None: every plane open
         self.repository = repository
         self.state = state
         self.inference = inference
@@ -134,6 +146,8 @@ class RestApp:
             else:
                 path = _segments(raw_path)
                 rpc = rpc_of(path)
+                if self.auth is not None:  # before the body is read
+                    self._authorize(rpc, headers)
                 call = Call(
                     scope["method"],
                     path,
@@ -148,6 +162,8 @@ class RestApp:
             status, body = _reply_error(e)
             if isinstance(e, BodyTooLarge):
                 extra = [(b"connection", b"close")]
+            elif isinstance(e, Unauthenticated):
+                extra = [(b"www-authenticate", b'Bearer realm="onnxgate"')]
         except Exception as e:
             code = "INTERNAL"
             log.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
@@ -166,6 +182,14 @@ class RestApp:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    def _authorize(self, rpc: str, headers: dict[bytes, bytes]) -> None:
+        """Raise the refusal (401/403) when the path's plane needs a token this call does not carry."""
+        assert self.auth is not None
+        plane = rest_plane(rpc)
+        reason = self.auth.refusal(plane, headers.get(b"authorization"))
+        if plane is not None and reason is not None:
+            raise self.auth.refuse("http", plane, reason)
 
     def _body_over_limit(self, headers: dict[bytes, bytes]) -> Reply | None:
         declared = headers.get(b"content-length")
@@ -389,11 +413,14 @@ ACCEPTED_READ_S = 0.05  # RestServer.stop: between closing the listener and clos
 class RestServer:
     """uvicorn's server on the running loop: started and stopped by the gateway, never by signals."""
 
-    def __init__(self, app: RestApp) -> None:
+    def __init__(self, app: RestApp, tls: tuple[str, str, str | None] | None = None) -> None:
         # log_config None: uvicorn leaves the process's logging alone
+        # tls: (cert, key, client CA or None) files; with a client CA, client certificates are required
+        cert, key, client_ca = tls or (None, None, None)
         self._config = uvicorn.Config(
             app, http="httptools", lifespan="off", access_log=False, log_config=None, log_level="warning",
-            server_header=False, timeout_keep_alive=75,
+            server_header=False, timeout_keep_alive=75, ssl_certfile=cert, ssl_keyfile=key,
+            ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
         )  # fmt: skip
         self._server: uvicorn.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
