@@ -4,6 +4,7 @@ metrics, and never a token in the log."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -26,7 +27,7 @@ import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from onnxgate.client import TLS, Client, OnnxgateError
+from onnxgate.client import TLS, AsyncClient, Client, OnnxgateError
 from onnxgate.server.pb import feedback_pb2 as fb
 from onnxgate.server.pb import feedback_pb2_grpc as fb_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
@@ -97,6 +98,13 @@ def test_tls_on_grpc_rest_and_metrics(start_gateway: Start, example_repository: 
     for tls in (TLS(root_certificates=certs.ca), TLS(root_certificates=certs.ca.read_bytes(), server_name="localhost")):
         with Client(f"127.0.0.1:{port}", tls=tls, timeout=10) as client:
             assert client.infer("iris", {"input": IRIS})["label"].tolist() == [0]
+
+    # the asyncio client: TLS and a token (an open plane ignores it)
+    async def infer_async() -> list[int]:
+        async with AsyncClient(f"localhost:{port}", tls=TLS(certs.ca), token="unused", timeout=10) as client:
+            return (await client.infer("iris", {"input": IRIS}))["label"].tolist()  # type: ignore[no-any-return]
+
+    assert asyncio.run(infer_async()) == [0]
     # tritonclient over TLS
     triton = triton_grpc.InferenceServerClient(f"localhost:{port}", ssl=True, root_certificates=str(certs.ca))
     assert triton.is_server_ready() and triton.get_model_metadata("iris").name == "iris"
