@@ -96,6 +96,9 @@ _CONTENTS_FIELD = {
 }
 
 
+SENT_AT_MAX_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+
+
 @dataclass(frozen=True)
 class TruthTensor:
     name: str
@@ -146,8 +149,10 @@ def make_record(
         raise InvalidArgument("feedback label is empty")
     if tensors is not None and not tensors:
         raise InvalidArgument("feedback tensors are empty")
-    if sent_at_ms is not None and sent_at_ms <= 0:
-        raise InvalidArgument(f"feedback sent_at_unix_ms must be a positive Unix time in ms, got {sent_at_ms}")
+    if sent_at_ms is not None and not 0 < sent_at_ms < SENT_AT_MAX_MS:  # stored as a timestamp: years 1970-9999
+        raise InvalidArgument(
+            f"feedback sent_at_unix_ms must be a Unix time in ms (positive, before year 10000), got {sent_at_ms}"
+        )
     content = content_hash(
         model, version, label, value, None if tensors is None else [list(t.__dict__.values()) for t in tensors], reward
     )

@@ -348,6 +348,8 @@ def with_predictions(
         table = log.read(segment, skipped)
         if table is None or not table.num_rows:
             continue
+        if columns is not None and not where:  # DuckDB cannot register every column type (FP16 tensors)
+            table = table.select([c for c in columns if c in table.column_names])
         name = f"open_{len(parts)}"
         table = table.append_column("_file", pa.array(np.full(table.num_rows, position[segment.key], np.int64)))
         con.register(name, table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64))))

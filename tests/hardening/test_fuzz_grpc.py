@@ -17,6 +17,7 @@ import math
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from hypothesis import strategies as st
 
 from onnxgate.server.app import Gateway
 from onnxgate.server.config import load_settings
+from onnxgate.server.pb import feedback_pb2 as fpb
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.tensors import DATATYPES
-from tests.conftest import GatewayHandle
+from tests.conftest import GatewayHandle, SpawnedGateway
 from tests.models import typed_repository
 
 S = grpc.StatusCode
@@ -374,3 +376,217 @@ def test_model_stream_infer(client: Client, requests: list[pb.ModelInferRequest 
     if code == S.OK:
         assert len(answers) == len(frames)
         assert not pb.ModelStreamInferResponse.FromString(answers[-1]).error_message
+
+
+# -- the other inference RPCs, and bytes that are not a message ----------------------------------------
+
+NAMED = {
+    "ModelMetadata": pb.ModelMetadataRequest,
+    "ModelReady": pb.ModelReadyRequest,
+    "ModelConfig": pb.ModelConfigRequest,
+}
+
+
+@fuzz(600)
+@given(method=st.sampled_from([*NAMED, "ModelStatistics"]), name=names, version=versions)
+@example(method="ModelMetadata", name="x" * 100_000, version="")
+@example(method="ModelConfig", name="id_fp32", version="9" * 5000)
+@example(method="ModelReady", name="id_fp32", version="\uff11")
+def test_model_rpcs(client: Client, method: str, name: str, version: str) -> None:
+    request = pb.ModelStatisticsRequest(name=name, version=version) if method == "ModelStatistics" else None
+    code, details, _ = client.unary(INFER + method, request or NAMED[method](name=name, version=version))
+    check(code, details)
+
+
+METHODS = [INFER + m for m in ("ModelInfer", *NAMED, "ModelStatistics", "RepositoryIndex", "ServerLive",
+                               "ServerReady", "ServerMetadata", "RepositoryModelLoad", "RepositoryModelUnload")]  # fmt: skip
+METHODS += [FEEDBACK + "SendFeedback", FEEDBACK + "FeedbackReport"]
+
+
+@st.composite
+def mangled(draw: st.DrawFn) -> bytes:
+    """Random bytes, a valid message cut short, or one with bytes flipped (a string field not UTF-8)."""
+    data = valid_infer().SerializeToString()
+    how = draw(st.sampled_from(["random", "cut", "flip", "utf8"]))
+    if how == "random":
+        return draw(st.binary(max_size=200))
+    if how == "cut":
+        return data[: draw(st.integers(1, len(data) - 1))]
+    if how == "utf8":  # field 1 (a string in every request here) holding bytes that are not UTF-8
+        return b"\x0a\x02\xff\xfe"
+    i = draw(st.integers(0, len(data) - 1))
+    return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
+
+
+@fuzz(400)
+@given(method=st.sampled_from(METHODS), data=mangled())
+@example(method=INFER + "ModelInfer", data=b"\xff\xff\xff")
+@example(method=FEEDBACK + "SendFeedback", data=b"\x0a\x02\xff\xfe")
+def test_bytes_not_a_message(client: Client, method: str, data: bytes) -> None:
+    code, details, _ = client.unary(method, data)
+    check(code, details)
+
+
+@fuzz(20)
+@given(ready=st.booleans())
+def test_repository_index(client: Client, ready: bool) -> None:
+    code, details, _ = client.unary(INFER + "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready))
+    assert code == S.OK, details
+
+
+# -- Feedback ------------------------------------------------------------------------------------------
+
+
+@st.composite
+def truth_tensors(draw: st.DrawFn) -> fpb.TruthTensor:
+    datatype = draw(st.one_of(st.sampled_from(sorted(DATATYPES)), datatypes))
+    shape = draw(st.one_of(st.lists(st.integers(0, 3), max_size=3), shapes))
+    field = draw(st.sampled_from(sorted(CONTENT_VALUES)))
+    n = _count(shape)
+    size = n if n is not None and draw(st.integers(0, 3)) else draw(st.integers(0, 4))
+    contents = pb.InferTensorContents()
+    getattr(contents, field).extend(draw(st.lists(CONTENT_VALUES[field], min_size=size, max_size=size)))
+    return fpb.TruthTensor(name=draw(st.text(max_size=8)), datatype=datatype, shape=shape, contents=contents)
+
+
+@st.composite
+def feedback_requests(draw: st.DrawFn) -> fpb.FeedbackRequest:
+    request = fpb.FeedbackRequest(
+        prediction_id=draw(st.one_of(st.text(max_size=20), st.sampled_from(["", "x" * 100_000, "\x00"]))),
+        model_name=draw(st.one_of(st.just(""), names)),
+        model_version=draw(st.one_of(st.just(""), versions)),
+        feedback_id=draw(st.one_of(st.just(""), st.text(max_size=20), st.just("f" * 50_000))),
+        sent_at_unix_ms=draw(st.one_of(st.just(0), st.integers(-(2**63), 2**63 - 1))),
+    )
+    truth = draw(st.sampled_from(["label", "value", "tensors", "none"]))
+    if truth == "label":
+        request.label = draw(st.one_of(st.text(max_size=20), st.just("l" * 100_000)))
+    elif truth == "value":
+        request.value = draw(st.floats())
+    elif truth == "tensors":
+        request.tensors.tensors.extend(draw(st.lists(truth_tensors(), max_size=3)))
+    if draw(st.booleans()):
+        request.reward = draw(st.floats())
+    return request
+
+
+@fuzz(300)
+@given(request=feedback_requests())
+@example(request=fpb.FeedbackRequest(prediction_id="p", value=1.0, sent_at_unix_ms=2**63 - 1))  # was UNAVAILABLE
+def test_send_feedback(client: Client, request: fpb.FeedbackRequest) -> None:
+    code, details, data = client.unary(FEEDBACK + "SendFeedback", request)
+    check(code, details)
+    if code == S.OK:
+        assert fpb.FeedbackResponse.FromString(data).prediction_id == request.prediction_id
+
+
+@fuzz(40)
+@given(requests=st.lists(st.one_of(feedback_requests(), mangled()), max_size=5))
+def test_stream_feedback(client: Client, requests: list[fpb.FeedbackRequest | bytes]) -> None:
+    frames = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
+    code, details = client.stream_in(FEEDBACK + "StreamFeedback", frames)
+    check(code, details)
+
+
+@fuzz(40)
+@given(model=st.one_of(st.just(""), names), max_ids=st.integers(0, 2**32 - 1))
+@example(model="", max_ids=0)  # was INTERNAL once an FP16 prediction was in the open log segment
+def test_feedback_report(client: Client, model: str, max_ids: int) -> None:
+    request = fpb.FeedbackReportRequest(model_name=model, max_unknown_ids=max_ids)
+    code, details, _ = client.unary(FEEDBACK + "FeedbackReport", request)
+    check(code, details)
+
+
+# -- model control, in explicit mode -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explicit(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    copy = tmp_path_factory.mktemp("explicit") / "repository"
+    for name in ("id_fp32", "add_mul"):
+        shutil.copytree(repo / name, copy / name)
+    handle = _start(copy, model_control_mode="explicit", load_model=("id_fp32",))
+    c = Client(handle.address)
+    yield c
+    c.channel.close()
+    handle.stop()
+
+
+load_parameters = st.dictionaries(
+    st.one_of(st.sampled_from(["config", "file:1/model.onnx", "file:../x", "file:", "file:1/../../x"]), st.text(max_size=10)),
+    st.one_of(
+        st.builds(lambda v: pb.ModelRepositoryParameter(string_param=v), st.sampled_from(["{}", "{", "[]", '{"max_batch_size": -1}'])),
+        st.builds(lambda v: pb.ModelRepositoryParameter(bytes_param=v), st.binary(max_size=40)),
+        st.builds(lambda v: pb.ModelRepositoryParameter(int64_param=v), st.integers(-(2**63), 2**63 - 1)),
+        st.builds(lambda v: pb.ModelRepositoryParameter(bool_param=v), st.booleans()),
+        st.just(pb.ModelRepositoryParameter()),
+    ),
+    max_size=3,
+)  # fmt: skip
+
+
+@fuzz(150)
+@given(
+    unload=st.booleans(),
+    name=st.one_of(st.sampled_from(["id_fp32", "add_mul", "up_a", "nope"]), names),
+    params=load_parameters,
+)
+def test_model_control(explicit: Client, unload: bool, name: str, params: dict[str, Any]) -> None:
+    """Uploads go only to scratch names or invalid ones: the models the final check uses stay intact."""
+    if unload:
+        request: Any = pb.RepositoryModelUnloadRequest(model_name=name)
+    else:
+        if params and name in ("id_fp32", "add_mul"):
+            name = "up_a"
+        request = pb.RepositoryModelLoadRequest(model_name=name)
+        for key, value in params.items():
+            request.parameters[key].CopyFrom(value)
+    method = "RepositoryModelUnload" if unload else "RepositoryModelLoad"
+    code, details, _ = explicit.unary(INFER + method, request)
+    check(code, details, ALLOWED | {S.UNAVAILABLE})
+    if code == S.UNAVAILABLE:  # only a model in the repository that does not load
+        assert "load" in details, details
+    # answers afterwards: the model loads, and serves
+    if (unload and name == "id_fp32") or name == "nope":
+        code, details, _ = explicit.unary(
+            INFER + "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="id_fp32")
+        )
+        assert code == S.OK, details
+        code, details, _ = explicit.unary(INFER + "ModelInfer", valid_infer())
+        assert code == S.OK, details
+
+
+# -- memory: huge declared shapes, tiny contents -------------------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_bounded(repo: Path, spawn_gateway: Callable[..., SpawnedGateway]) -> None:
+    """No allocation follows a declared shape before it is checked against the bytes that came."""
+    gw = spawn_gateway("--model-repository", str(repo))
+    c = Client(gw.address)
+    try:
+        for _ in range(20):
+            assert c.unary(INFER + "ModelInfer", valid_infer())[0] == S.OK
+        before = _rss(gw.process.pid)
+        started = time.monotonic()
+        for i in range(300):
+            dt = sorted(DATATYPES)[i % len(DATATYPES)]
+            shape = [2**31 + i, 3] if i % 3 else [2**20, 2**20, 2**10]
+            raw = _request(f"id_{dt.lower()}", [("x", dt, shape, b"\1\0\0\0a" * 3)])
+            typed = pb.ModelInferRequest(model_name=f"id_{dt.lower()}")
+            typed.inputs.add(name="x", datatype=dt, shape=shape)
+            for request in (raw, typed):
+                code, details, _ = c.unary(INFER + "ModelInfer", request)
+                assert code == S.INVALID_ARGUMENT, details
+        assert time.monotonic() - started < 60
+        grown = _rss(gw.process.pid) - before
+        assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB"
+        assert c.unary(INFER + "ModelInfer", valid_infer())[0] == S.OK
+    finally:
+        c.channel.close()
