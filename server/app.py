@@ -43,6 +43,7 @@ from onnxgate.server.repository import Repository
 from onnxgate.server.rest import RestApp, RestServer
 from onnxgate.server.service import InferenceServicer
 from onnxgate.server.stats import RequestCounts
+from onnxgate.server.wire import parsing
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,12 @@ class Gateway:
         interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.repository, self.state, self.inference, self.answers), self.server
+            InferenceServicer(self.repository, self.state, self.inference, self.answers), parsing(self.server)
         )
         services = [SERVICE_NAME, health.SERVICE_NAME]
         if self.feedback is not None and self.joiner is not None:
             feedback_pb2_grpc.add_FeedbackServicer_to_server(  # type: ignore[no-untyped-call]
-                FeedbackServicer(self.feedback, self._report, self.answers), self.server
+                FeedbackServicer(self.feedback, self._report, self.answers), parsing(self.server)
             )
             services.append(FEEDBACK_SERVICE_NAME)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
