@@ -33,6 +33,7 @@ from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.logquery import Report, report
 from onnxgate.server.metrics import gateway_registry, serve_metrics
 from onnxgate.server.objectstore import StoreCollector, StoreUnusable, Uploader, log_readers, open_uploader
+from onnxgate.server.overload import Limits
 from onnxgate.server.pb import feedback_pb2, feedback_pb2_grpc
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
@@ -73,6 +74,7 @@ class Gateway:
             default_max_batch_size=settings.default_max_batch_size,
             inline_run_ns=settings.inline_run_us * 1000,
             max_upload_bytes=settings.max_upload_bytes,
+            limits=Limits(settings.default_max_queued_requests, settings.default_max_inflight_rows),
         )
         # answers by protocol, RPC and status code, counted by both edges (onnxgate_requests_total)
         self.answers = RequestCounts()

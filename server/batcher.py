@@ -6,7 +6,8 @@ While a batch runs, new requests queue; they run as the next batch when it finis
 `max_batch_size` rows are waiting, or after `max_delay_s` from the first of them, whichever comes
 first. Requests are only concatenated with others of the same non-batch shapes, dtypes and
 requested outputs; the outputs are split back by row counts, after checking that the model
-returned one row per input row.
+returned one row per input row. A request whose deadline (time.monotonic()) passed while it waited
+leaves the queue without running: DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxgate.server.errors import GatewayError, Internal
+from onnxgate.server.errors import DeadlineExceeded, GatewayError, Internal
 
 Tensors = dict[str, np.ndarray]
 # (inputs, output names, rows) -> (outputs, onnxruntime ns); runs inline or on the executor
@@ -40,6 +41,7 @@ class _Item:
     rows: int
     enqueued_ns: int
     future: asyncio.Future[Result] = field(repr=False)
+    deadline: float | None = None
 
     @property
     def key(self) -> tuple[object, ...]:
@@ -59,9 +61,9 @@ class Batcher:
         self._flush_soon = False
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
-    async def submit(self, inputs: Tensors, outputs: Sequence[str], rows: int) -> Result:
+    async def submit(self, inputs: Tensors, outputs: Sequence[str], rows: int, deadline: float | None = None) -> Result:
         loop = asyncio.get_running_loop()
-        item = _Item(inputs, tuple(outputs), rows, time.monotonic_ns(), loop.create_future())
+        item = _Item(inputs, tuple(outputs), rows, time.monotonic_ns(), loop.create_future(), deadline)
         self._pending.append(item)
         self._pending_rows += rows
         if self._pending_rows >= self.max_batch_size:
@@ -81,9 +83,18 @@ class Batcher:
             self._timer = None
         pending, self._pending, self._pending_rows = self._pending, [], 0
         groups: dict[tuple[object, ...], list[_Item]] = {}
+        now: float | None = None
         for item in pending:
-            if not item.future.cancelled():
-                groups.setdefault(item.key, []).append(item)
+            if item.future.cancelled():
+                continue
+            if item.deadline is not None:
+                now = time.monotonic() if now is None else now
+                if now >= item.deadline:
+                    item.future.set_exception(
+                        DeadlineExceeded("the request's deadline passed while it waited for a batch; it was not run")
+                    )
+                    continue
+            groups.setdefault(item.key, []).append(item)
         for items in groups.values():
             chunk: list[_Item] = []
             rows = 0
@@ -93,7 +104,8 @@ class Batcher:
                     chunk, rows = [], 0
                 chunk.append(item)
                 rows += item.rows
-            self._start(chunk)
+            if chunk:
+                self._start(chunk)
 
     def _start(self, items: list[_Item]) -> None:
         self._running += 1

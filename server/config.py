@@ -86,6 +86,17 @@ class Settings:
         metadata={"help": "largest model upload (RepositoryModelLoad files and config, in all) accepted"},
     )
     max_inflight: int = field(default=1024, metadata={"help": "requests in flight before RESOURCE_EXHAUSTED"})
+    default_max_queued_requests: int = field(
+        default=256,
+        metadata={
+            "help": "requests in flight per model version before RESOURCE_EXHAUSTED (0: no limit; a model's"
+            " config.pbtxt parameter max_queued_requests overrides it)"
+        },
+    )
+    default_max_inflight_rows: int = field(
+        default=65536,
+        metadata={"help": "batch rows in flight per model version (0: no limit; parameter max_inflight_rows)"},
+    )
     inference_threads: int = field(default=0, metadata={"help": "threads running onnxruntime (0: one per core)"})
     ort_intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads inside one run"})
     inline_run_us: int = field(
@@ -184,6 +195,8 @@ class Settings:
         _check(self.max_message_bytes >= 4096, "max_message_bytes", self.max_message_bytes, "at least 4096")
         _check(self.max_upload_bytes >= 1, "max_upload_bytes", self.max_upload_bytes, "at least 1 byte")
         _check(self.max_inflight >= 1, "max_inflight", self.max_inflight, "at least 1")
+        for name in ("default_max_queued_requests", "default_max_inflight_rows"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more (0: no limit)")
         _check(self.inference_threads >= 0, "inference_threads", self.inference_threads, "0 or more")
         _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")
         _check(self.inline_run_us >= 0, "inline_run_us", self.inline_run_us, "0 or more microseconds")

@@ -6,6 +6,7 @@ GatewayError              base: a code and a message that tells the caller what 
   InvalidArgument         names, datatypes, shapes, byte counts        -> INVALID_ARGUMENT    400
   Unavailable             not ready, loading, draining                 -> UNAVAILABLE         503
   ResourceExhausted       overload: queues full; a body too large      -> RESOURCE_EXHAUSTED  429 (413 for a body)
+  DeadlineExceeded        the request's deadline passed before its run -> DEADLINE_EXCEEDED   504
   FailedPrecondition      the server's mode refuses the call           -> FAILED_PRECONDITION 400
   Internal                onnxruntime or other failure on our side     -> INTERNAL            500 (logged with trace)
   Unimplemented           a service this gateway was started without   -> UNIMPLEMENTED       501
@@ -45,6 +46,13 @@ class Unavailable(GatewayError):
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
+
+
+class DeadlineExceeded(GatewayError):
+    """The client's deadline (gRPC) or `timeout` parameter (HTTP) passed before the model ran: not run."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
 
 
 class Internal(GatewayError):

@@ -55,8 +55,15 @@ class Inference:
         self.record = record  # PredictionLog.record when the prediction log is on: a non-blocking put
         self._shadow_tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
-    async def run(self, request: Q, decode: Callable[[Q], I], encode: Callable[[I, str, Tensors], A]) -> A:
-        """Admit, decode, route, run, encode; then the shadow run or the log record, off the answer's path."""
+    async def run(
+        self,
+        request: Q,
+        decode: Callable[[Q], I],
+        encode: Callable[[I, str, Tensors], A],
+        deadline: float | None = None,
+    ) -> A:
+        """Admit, decode, route, run, encode; then the shadow run or the log record, off the answer's path.
+        `deadline` (time.monotonic(); the gRPC client's): past it the model is not run (server/overload.py)."""
         state = self.state
         if state.draining:
             state.refused_at = time.monotonic()
@@ -68,6 +75,8 @@ class Inference:
             t0 = time.monotonic_ns()
             infer = decode(request)
             decode_ns = time.monotonic_ns() - t0
+            if deadline is not None and (infer.deadline is None or deadline < infer.deadline):
+                infer.deadline = deadline
             router: Router | None = None
             if infer.version:  # a request naming its version always gets it
                 version, route, propensity = self.repository.get(infer.model, infer.version), EXPLICIT, 1.0

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxgate.server.batcher import Batcher
-from onnxgate.server.errors import InvalidArgument
+from onnxgate.server.errors import InvalidArgument, ResourceExhausted
 from onnxgate.server.modelspec import ModelSpec, TensorSpec
+from onnxgate.server.overload import QUEUED, ROWS, Limits, expired, version_limits
 from onnxgate.server.runtime import OnnxModel
 from onnxgate.server.stats import VersionStats
 from onnxgate.server.tensors import BY_NUMPY, DATATYPES, InferRequest, classify
@@ -43,8 +44,14 @@ class ModelVersion:
     batcher: Batcher | None = None
     # moving estimate of onnxruntime CPU time per batch row; None until measured (warm-up measures it)
     ns_per_row: float | None = None
+    # the settings' per-version limits; the config's parameters override them (server/overload.py)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
+        self.max_queued, self.max_rows = version_limits(self.spec, self.limits)
+        self.queued = 0  # requests of this version in flight (waiting or running), on the event loop
+        self.inflight_rows = 0  # their rows
+        self.refused = 0  # requests refused past a limit
         # what every request is checked against, worked out once
         self._inputs = {t.name: (t, _numpy_dtype(t.datatype)) for t in self.spec.inputs}
         self._output_names = [o.name for o in self.spec.outputs]
@@ -53,7 +60,11 @@ class ModelVersion:
         if delay is not None:
             self.batcher = Batcher(self._run, self.spec.max_batch_size, delay)
 
-    def _run_here(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
+    def _run_here(
+        self, inputs: Tensors, output_names: Sequence[str], rows: int, deadline: float | None = None
+    ) -> tuple[Tensors, int]:
+        if deadline is not None:  # a request that waited for a thread past its deadline is not run
+            expired(deadline, f"model {self.name!r}")
         # the estimate uses this thread's CPU time, not wall time: a run that waited for the GIL or
         # the scheduler would otherwise look slow, send later runs to threads, where they wait more
         c0, t0 = time.thread_time_ns(), time.monotonic_ns()
@@ -67,11 +78,13 @@ class ModelVersion:
     def _inline(self, rows: int) -> bool:
         return self.ns_per_row is not None and self.ns_per_row * rows < self.inline_run_ns
 
-    async def _run(self, inputs: Tensors, output_names: Sequence[str], rows: int) -> tuple[Tensors, int]:
+    async def _run(
+        self, inputs: Tensors, output_names: Sequence[str], rows: int, deadline: float | None = None
+    ) -> tuple[Tensors, int]:
         if self._inline(rows):
-            return self._run_here(inputs, output_names, rows)
+            return self._run_here(inputs, output_names, rows, deadline)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run_here, inputs, output_names, rows)
+        return await loop.run_in_executor(self.executor, self._run_here, inputs, output_names, rows, deadline)
 
     async def infer(self, request: InferRequest, decode_ns: int = 0) -> Tensors:
         """Run one request; `decode_ns` is what decoding it from the wire took (Triton's compute_input)."""
@@ -79,23 +92,51 @@ class ModelVersion:
         try:
             output_names = self._outputs_of(request)
             rows = self._check_inputs(request.inputs)
+        except BaseException:
+            self.stats.record_failure(time.monotonic_ns() - start)
+            raise
+        # admission to this version: past a limit, refused at once, before any queue (server/overload.py)
+        if self.queued >= self.max_queued or (self.inflight_rows and self.inflight_rows + rows > self.max_rows):
+            raise self._overloaded(rows)
+        self.queued += 1
+        self.inflight_rows += rows
+        try:
+            deadline = request.deadline
             if self.batcher is not None:
-                result = await self.batcher.submit(request.inputs, output_names, rows)
+                result = await self.batcher.submit(request.inputs, output_names, rows, deadline)
                 outputs, queue_ns, infer_ns = result.outputs, result.queue_ns, result.infer_ns
             elif self._inline(rows):  # the common case for small models: no coroutine, no thread hop
-                outputs, infer_ns = self._run_here(request.inputs, output_names, rows)
+                outputs, infer_ns = self._run_here(request.inputs, output_names, rows, deadline)
                 queue_ns = 0
             else:
                 queued = time.monotonic_ns()
-                outputs, infer_ns = await self._run(request.inputs, output_names, rows)
+                outputs, infer_ns = await self._run(request.inputs, output_names, rows, deadline)
                 queue_ns = max(0, time.monotonic_ns() - queued - infer_ns)
             for name, k in request.classification.items():
                 outputs[name] = classify(outputs[name], k, self.spec.labels.get(name))
         except BaseException:
             self.stats.record_failure(time.monotonic_ns() - start)
             raise
+        finally:
+            self.queued -= 1
+            self.inflight_rows -= rows
         self.stats.record_request(rows, time.monotonic_ns() - start + decode_ns, queue_ns, decode_ns, infer_ns, 0)
         return outputs
+
+    def _overloaded(self, rows: int) -> ResourceExhausted:
+        self.refused += 1
+        where = f"model {self.name!r} version {self.version}"
+        if self.queued >= self.max_queued:
+            return ResourceExhausted(
+                f"{where} overloaded: {self.queued} requests in flight, its limit {QUEUED} is {self.max_queued};"
+                f" retry with backoff, or raise the limit (config.pbtxt parameters {{ key: {QUEUED!r} ... }}"
+                f" or --default-{QUEUED.replace('_', '-')}; 0: none)"
+            )
+        return ResourceExhausted(
+            f"{where} overloaded: {self.inflight_rows} rows in flight and {rows} more asked, its limit {ROWS}"
+            f" is {self.max_rows}; retry with backoff or smaller batches, or raise the limit (config.pbtxt"
+            f" parameters {{ key: {ROWS!r} ... }} or --default-{ROWS.replace('_', '-')}; 0: none)"
+        )
 
     async def infer_on_executor(self, request: InferRequest) -> Tensors:
         """A shadow run: always on the executor (never inline on the event loop, never in the champion's

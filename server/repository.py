@@ -56,6 +56,7 @@ from onnxgate.server.modelspec import (
     read_config,
     version_policy,
 )
+from onnxgate.server.overload import Limits
 from onnxgate.server.pb import model_config_pb2 as mc
 from onnxgate.server.routing import Router, check_versions, routing_config
 from onnxgate.server.runtime import OnnxModel
@@ -119,6 +120,7 @@ class Repository:
         default_max_batch_size: int,
         inline_run_ns: int = 0,
         max_upload_bytes: int = 256 * 1024 * 1024,
+        limits: Limits | None = None,
     ) -> None:
         self.root = root
         self.max_upload_bytes = max_upload_bytes
@@ -127,6 +129,7 @@ class Repository:
         self._intra_op_threads = intra_op_threads
         self._default_max_batch_size = default_max_batch_size
         self._inline_run_ns = inline_run_ns
+        self._limits = limits or Limits()  # per-version overload limits unless a config sets its own
         self._models: dict[str, Served] = {}
         self._lock = asyncio.Lock()
         # for the metrics: failed load attempts by (model, reason), polls and polls that raised
@@ -386,7 +389,9 @@ class Repository:
             path.parent,
             self._default_max_batch_size,
         )
-        loaded = ModelVersion(name, version, path, spec, runtime, self._executor, self._inline_run_ns)
+        loaded = ModelVersion(
+            name, version, path, spec, runtime, self._executor, self._inline_run_ns, limits=self._limits
+        )
         try:
             loaded.ns_per_row = runtime.warm_up()
         except Exception as e:  # zeros are not valid input for every model; serving can still work

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,10 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: st
     request_id = _optional(doc, "id", str, "a string")
     parameters = _optional(doc, "parameters", dict, "an object") or {}
     binary_all = _optional(parameters, "binary_data_output", bool, "true or false", "parameter") or False
+    # Triton's `timeout` parameter, in microseconds (0: none): past it the model is not run (server/overload.py)
+    timeout_us = _optional(parameters, "timeout", int, "a whole number of microseconds (0: none)", "parameter") or 0
+    if timeout_us < 0:
+        raise InvalidArgument(f"parameter 'timeout' must be 0 or more microseconds, got {timeout_us}")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidArgument("'inputs' must be a non-empty list of tensors (name, shape, datatype, data)")
@@ -115,6 +120,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: st
         classification,
         frozenset(binary_outputs),
         binary_all,
+        deadline=time.monotonic() + timeout_us / 1e6 if timeout_us else None,
     )
 
 

@@ -21,6 +21,7 @@ from onnxgate.server.drain import ends_on_drain
 from onnxgate.server.errors import GatewayError, Internal
 from onnxgate.server.inference import Inference, State
 from onnxgate.server.model import Tensors
+from onnxgate.server.overload import deadline_in
 from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.repository import Repository
@@ -104,7 +105,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self.inference.run(request, decode_request, _encode)
+        # the client's deadline: a request still waiting when it passes is not run (DEADLINE_EXCEEDED)
+        return await self.inference.run(request, decode_request, _encode, deadline_in(context.time_remaining()))
 
     @ends_on_drain  # while draining: UNAVAILABLE ends the stream (server/drain.py)
     async def ModelStreamInfer(

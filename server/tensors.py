@@ -6,6 +6,7 @@ The only module besides `service.py` that touches the protocol's tensor messages
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -63,6 +64,8 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[str]  # requested outputs in request order; empty: all of the model's
     classification: dict[str, int]  # output name -> top-k classes asked for (Triton's extension)
+    # time.monotonic() past which the request is not run (server/overload.py); None: no deadline
+    deadline: float | None = dataclasses.field(default=None, kw_only=True)
 
 
 def decode_request(request: pb.ModelInferRequest) -> InferRequest:
