@@ -360,7 +360,7 @@ PATH_CASES: list[tuple[str, str, str, int, str]] = [
     ("absolute path name", "GET", "/v2/models/%2Fetc", 404, "unknown model '/etc'"),
     ("NUL in name", "POST", "/v2/models/fp32%00/infer", 404, "unknown model 'fp32\\x00'"),
     ("5000-character name", "POST", f"/v2/models/{LONG}/infer", 404, f"unknown model '{LONG}'"),
-    ("4000-digit version", "GET", f"/v2/models/fp32/versions/{'9' * 4000}", 404, "has no version 999"),
+    ("4000-digit version", "GET", f"/v2/models/fp32/versions/{'9' * 4000}", 400, "model version '999"),
     ("5000-digit version", "GET", f"/v2/models/fp32/versions/{'9' * 5000}", 400, "model version '999"),
     ("load with a bad name", "POST", "/v2/repository/models/..%2Fx/load", 400, "model name '../x' is not a valid directory name"),
     ("feedback without a log", "POST", "/v2/models/fp32/feedback", 501, "feedback is off: start the gateway with --predlog-dir"),
