@@ -74,7 +74,11 @@ class Gateway:
             default_max_batch_size=settings.default_max_batch_size,
             inline_run_ns=settings.inline_run_us * 1000,
             max_upload_bytes=settings.max_upload_bytes,
-            limits=Limits(settings.default_max_queued_requests, settings.default_max_inflight_rows),
+            limits=Limits(
+                settings.default_max_queued_requests,
+                settings.default_max_inflight_rows,
+                response_cache_bytes=settings.response_cache_bytes,
+            ),
         )
         # answers by protocol, RPC and status code, counted by both edges (onnxgate_requests_total)
         self.answers = RequestCounts()

@@ -8,6 +8,12 @@ first. Requests are only concatenated with others of the same non-batch shapes, 
 requested outputs; the outputs are split back by row counts, after checking that the model
 returned one row per input row. A request whose deadline (time.monotonic()) passed while it waited
 leaves the queue without running: DEADLINE_EXCEEDED.
+
+Batching that never hurts: a request of `bypass_rows` rows or more (the largest preferred batch size
+when the config sets `dynamic_batching { preferred_batch_size: [...] }`, else `max_batch_size`) is
+already a full batch: it runs at once, without the queue and without a concatenation copy, as its own
+run. With preferred batch sizes, what waits is cut into batches of the largest preferred size that the
+rows still waiting reach (greedily, never splitting a request); without them, of up to `max_batch_size`.
 """
 
 from __future__ import annotations
@@ -50,10 +56,17 @@ class _Item:
 
 
 class Batcher:
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, max_delay_s: float) -> None:
+    def __init__(
+        self, run_batch: RunBatch, max_batch_size: int, max_delay_s: float, preferred: Sequence[int] = ()
+    ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.preferred = tuple(sorted(set(preferred), reverse=True))  # largest first
+        if any(p < 1 or p > max_batch_size for p in self.preferred):
+            raise ValueError(f"preferred batch sizes {list(preferred)} must be within 1..{max_batch_size}")
+        # a request this large is a batch by itself: run at once, no queue, no copy
+        self.bypass_rows = self.preferred[0] if self.preferred else max_batch_size
         self._pending: list[_Item] = []
         self._pending_rows = 0
         self._running = 0  # batches of this version under way
@@ -62,11 +75,13 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, inputs: Tensors, outputs: Sequence[str], rows: int, deadline: float | None = None) -> Result:
+        if rows >= self.bypass_rows:
+            return await self._run_alone(inputs, outputs, rows, deadline)
         loop = asyncio.get_running_loop()
         item = _Item(inputs, tuple(outputs), rows, time.monotonic_ns(), loop.create_future(), deadline)
         self._pending.append(item)
         self._pending_rows += rows
-        if self._pending_rows >= self.max_batch_size:
+        if self._pending_rows >= self.bypass_rows:
             self._flush()
         elif self._running == 0:
             if not self._flush_soon:
@@ -75,6 +90,12 @@ class Batcher:
         elif self._timer is None:
             self._timer = loop.call_later(self.max_delay_s, self._flush)
         return await item.future
+
+    async def _run_alone(self, inputs: Tensors, outputs: Sequence[str], rows: int, deadline: float | None) -> Result:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before it could run; it was not run")
+        result, infer_ns = await self._run_batch(inputs, outputs, rows)
+        return Result(result, 0, infer_ns, rows)
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -96,16 +117,27 @@ class Batcher:
                     continue
             groups.setdefault(item.key, []).append(item)
         for items in groups.values():
-            chunk: list[_Item] = []
-            rows = 0
-            for item in items:
-                if chunk and rows + item.rows > self.max_batch_size:
-                    self._start(chunk)
-                    chunk, rows = [], 0
-                chunk.append(item)
-                rows += item.rows
-            if chunk:
+            for chunk in self._chunks(items):
                 self._start(chunk)
+
+    def _chunks(self, items: list[_Item]) -> list[list[_Item]]:
+        """Cut one group (in arrival order) into batches: each of at most the largest preferred size the
+        rows still waiting reach (max_batch_size when none set, or when fewer rows wait than the smallest)."""
+        chunks: list[list[_Item]] = []
+        remaining = sum(i.rows for i in items)
+        i, n = 0, len(items)
+        while i < n:
+            cap = next((p for p in self.preferred if p <= remaining), self.max_batch_size)
+            chunk = [items[i]]
+            rows = items[i].rows
+            i += 1
+            while i < n and rows + items[i].rows <= cap:
+                rows += items[i].rows
+                chunk.append(items[i])
+                i += 1
+            chunks.append(chunk)
+            remaining -= rows
+        return chunks
 
     def _start(self, items: list[_Item]) -> None:
         self._running += 1

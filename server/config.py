@@ -97,6 +97,13 @@ class Settings:
         default=65536,
         metadata={"help": "batch rows in flight per model version (0: no limit; parameter max_inflight_rows)"},
     )
+    response_cache_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={
+            "help": "bound of the response cache of each model version whose config.pbtxt has"
+            " response_cache { enable: true }, in bytes of cached outputs (0: no caching)"
+        },
+    )
     inference_threads: int = field(default=0, metadata={"help": "threads running onnxruntime (0: one per core)"})
     ort_intra_op_threads: int = field(default=1, metadata={"help": "onnxruntime threads inside one run"})
     inline_run_us: int = field(
@@ -197,6 +204,7 @@ class Settings:
         _check(self.max_inflight >= 1, "max_inflight", self.max_inflight, "at least 1")
         for name in ("default_max_queued_requests", "default_max_inflight_rows"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "0 or more (0: no limit)")
+        _check(self.response_cache_bytes >= 0, "response_cache_bytes", self.response_cache_bytes, "0 or more (0: off)")
         _check(self.inference_threads >= 0, "inference_threads", self.inference_threads, "0 or more")
         _check(self.ort_intra_op_threads >= 1, "ort_intra_op_threads", self.ort_intra_op_threads, "at least 1")
         _check(self.inline_run_us >= 0, "inline_run_us", self.inline_run_us, "0 or more microseconds")

@@ -82,6 +82,19 @@ class GatewayCollector(Collector):
             "onnxgate_compute_duration_seconds", "Time inside onnxruntime per run", labels=labels
         )
         sizes = HistogramMetricFamily("onnxgate_batch_size", "Rows per onnxruntime run", labels=labels)
+        # the response cache's, for the versions of models that enable it (server/cache.py)
+        hits = CounterMetricFamily(
+            "onnxgate_response_cache_hits", "Requests answered from the response cache", labels=labels
+        )
+        misses = CounterMetricFamily(
+            "onnxgate_response_cache_misses", "Requests of cached models not found in the response cache", labels=labels
+        )
+        held = GaugeMetricFamily(
+            "onnxgate_response_cache_bytes", "Bytes of outputs the response cache holds", labels=labels
+        )
+        entries = GaugeMetricFamily(
+            "onnxgate_response_cache_entries", "Answers the response cache holds", labels=labels
+        )
         for served in self.repository.all_served():
             for number, version in served.versions.items():
                 key = [served.name, str(number)]
@@ -98,7 +111,14 @@ class GatewayCollector(Collector):
                 queued.add_metric(key, _buckets(s.queue_duration, DURATION_LE), s.queue_duration.total * NS)
                 computed.add_metric(key, _buckets(s.compute_duration, DURATION_LE), s.compute_duration.total * NS)
                 sizes.add_metric(key, _buckets(s.batch_size, BATCH_LE), s.batch_size.total)
+                cache = version.cache
+                if cache is not None:
+                    hits.add_metric(key, cache.hits)
+                    misses.add_metric(key, cache.misses)
+                    held.add_metric(key, cache.bytes)
+                    entries.add_metric(key, len(cache))
         yield from (requests, rows, runs, seconds, queue, compute, ready, durations, queued, computed, sizes)
+        yield from (hits, misses, held, entries)
         answers = CounterMetricFamily(
             "onnxgate_requests",
             "Answers by protocol, RPC (for HTTP: the RPC its path stands for) and gRPC status code",

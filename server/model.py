@@ -7,6 +7,9 @@ Where a run happens: onnxruntime releases the GIL, so runs go to the executor's 
 event loop keeps serving. But handing a run to a thread and back costs tens of microseconds of
 wake-ups and GIL hand-offs, more than a small tabular model takes to run; so a run predicted to
 take less than `inline_run_ns` (from this version's measured time per row) runs on the loop itself.
+
+A model whose config enables the response cache (server/cache.py) answers repeated requests from it;
+for every other model the cost is one attribute check.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxgate.server.batcher import Batcher
+from onnxgate.server.cache import ResponseCache, cache_key
 from onnxgate.server.errors import InvalidArgument, ResourceExhausted
-from onnxgate.server.modelspec import ModelSpec, TensorSpec
+from onnxgate.server.modelspec import ConfigError, ModelSpec, TensorSpec
 from onnxgate.server.overload import QUEUED, ROWS, Limits, expired, version_limits
 from onnxgate.server.runtime import OnnxModel
 from onnxgate.server.stats import VersionStats
@@ -58,7 +62,18 @@ class ModelVersion:
         self.version_str = str(self.version)
         delay = self.spec.dynamic_batching_delay_s
         if delay is not None:
-            self.batcher = Batcher(self._run, self.spec.max_batch_size, delay)
+            max_batch = self.spec.max_batch_size
+            preferred = list(self.spec.config.dynamic_batching.preferred_batch_size)
+            if any(not 1 <= p <= max_batch for p in preferred):
+                raise ConfigError(
+                    f"model {self.name!r}: dynamic_batching preferred_batch_size {preferred} must be within"
+                    f" 1..max_batch_size ({max_batch})"
+                )
+            self.batcher = Batcher(self._run, max_batch, delay, preferred)
+        # None unless the config enables it and the settings give it room: the hot path checks only this
+        self.cache: ResponseCache | None = None
+        if self.spec.config.response_cache.enable and self.limits.response_cache_bytes > 0:
+            self.cache = ResponseCache(self.limits.response_cache_bytes)
 
     def _run_here(
         self, inputs: Tensors, output_names: Sequence[str], rows: int, deadline: float | None = None
@@ -95,6 +110,16 @@ class ModelVersion:
         except BaseException:
             self.stats.record_failure(time.monotonic_ns() - start)
             raise
+        key, lookup_ns = b"", 0
+        if self.cache is not None:
+            t0 = time.monotonic_ns()
+            key = cache_key(self.version, request.inputs, output_names, request.classification)
+            hit = self.cache.get(key)
+            t1 = time.monotonic_ns()
+            if hit is not None:  # no admission, no run: the answer is here
+                self.stats.record_cache_hit(t1 - start + decode_ns, t1 - t0)
+                return hit
+            lookup_ns = t1 - t0
         # admission to this version: past a limit, refused at once, before any queue (server/overload.py)
         if self.queued >= self.max_queued or (self.inflight_rows and self.inflight_rows + rows > self.max_rows):
             raise self._overloaded(rows)
@@ -120,6 +145,10 @@ class ModelVersion:
         finally:
             self.queued -= 1
             self.inflight_rows -= rows
+        if self.cache is not None:
+            t = time.monotonic_ns()
+            self.cache.put(key, outputs)
+            self.stats.cache_miss.add(lookup_ns + time.monotonic_ns() - t)
         self.stats.record_request(rows, time.monotonic_ns() - start + decode_ns, queue_ns, decode_ns, infer_ns, 0)
         return outputs
 

@@ -38,6 +38,8 @@ UNLIMITED = sys.maxsize  # what 0 means: one compare on the hot path either way
 class Limits:
     max_queued_requests: int = 0  # 0: no limit
     max_inflight_rows: int = 0
+    # the response cache's bound per version, for models whose config enables it (server/cache.py; 0: off)
+    response_cache_bytes: int = 64 * 1024 * 1024
 
 
 def version_limits(spec: ModelSpec, defaults: Limits) -> tuple[int, int]:

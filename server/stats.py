@@ -84,6 +84,9 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    # the response cache (server/cache.py): hits (key and lookup time), misses (lookup and insertion time)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
     # Prometheus histograms: per request answered through an edge, decode to encode (record_output);
     # per request, the wait for a runner or a batch; per onnxruntime run, its time and its rows
@@ -130,6 +133,13 @@ class VersionStats:
         sizes = self.batch_size
         sizes.counts[bisect_left(BATCH_BOUNDS, batch_size)] += 1
         sizes.total += batch_size
+
+    def record_cache_hit(self, total_ns: int, lookup_ns: int) -> None:
+        """A request answered from the response cache: a success and a cache hit, as Triton counts it (not
+        in inference_count, execution_count, queue or compute)."""
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.success.add(total_ns)
+        self.cache_hit.add(lookup_ns)
 
     def record_output(self, encode_ns: int, request_ns: int = 0) -> None:
         """Encoding the response, timed after record_request counted the request; `request_ns`: the whole

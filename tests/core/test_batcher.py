@@ -7,11 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import tritonclient.grpc as tc
 
 from onnxgate.server.batcher import Batcher
 from onnxgate.server.errors import Internal
 from onnxgate.server.runtime import OnnxModel
+from tests.conftest import GatewayHandle
 from tests.models import add_mul, first_row_only, write_version
 
 
@@ -112,3 +115,117 @@ def test_requests_arriving_during_a_run_form_the_next_batch(tmp_path: Path, dela
 
     asyncio.run(main())
     assert calls[0] == 1 and sum(calls) == 5 and len(calls) <= 3
+
+
+def test_a_request_at_the_batch_size_runs_alone_without_the_queue_or_a_copy(tmp_path: Path) -> None:
+    model = OnnxModel(write_version(tmp_path, "m", 1, add_mul(2.0)) / "model.onnx", 1)
+    seen: list[dict[str, np.ndarray]] = []
+
+    async def run(
+        inputs: dict[str, np.ndarray], outputs: Sequence[str], rows: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        seen.append(inputs)
+        return model.predict(inputs, outputs), 1
+
+    async def main() -> None:
+        batcher = Batcher(run, max_batch_size=8, max_delay_s=5.0)
+        assert batcher.bypass_rows == 8
+        big = np.arange(32, dtype=np.float32).reshape(8, 4)
+        small = np.ones((1, 4), np.float32)
+        # the small ones queue together; the big one, submitted among them, runs at once by itself
+        results = await asyncio.gather(
+            batcher.submit({"a": small, "b": small}, ["sum"], 1),
+            batcher.submit({"a": big, "b": big}, ["sum"], 8),
+            batcher.submit({"a": small, "b": small}, ["sum"], 1),
+        )
+        assert results[1].queue_ns == 0 and results[1].batch_size == 8
+        np.testing.assert_array_equal(results[1].outputs["sum"], model.predict({"a": big, "b": big}, ["sum"])["sum"])
+        assert seen[0]["a"] is big  # first, and the caller's own array: no queue, no concatenation
+        assert [len(s["a"]) for s in seen] == [8, 2]
+        for r in (results[0], results[2]):
+            np.testing.assert_array_equal(r.outputs["sum"], np.full((1, 4), 2, np.float32))
+
+    asyncio.run(main())
+
+
+def test_preferred_batch_sizes_cut_the_batches_and_the_rows_go_back_to_their_requests(tmp_path: Path) -> None:
+    model = OnnxModel(write_version(tmp_path, "m", 1, add_mul(2.0)) / "model.onnx", 1)
+    calls: list[int] = []
+
+    async def main() -> None:
+        batcher = Batcher(runner(model, calls), max_batch_size=64, max_delay_s=0.01, preferred=[4, 8])
+        assert batcher.bypass_rows == 8
+        requests = [np.full((1, 4), i, np.float32) for i in range(13)]
+        results = await asyncio.gather(*(batcher.submit({"a": a, "b": a}, ["sum"], 1) for a in requests))
+        for i, r in enumerate(results):
+            np.testing.assert_array_equal(r.outputs["sum"], np.full((1, 4), 2 * i, np.float32))
+        # 8 waiting rows flush at once (the largest preferred size), the next 5 as 4 and 1
+        assert calls == [8, 4, 1]
+        calls.clear()
+        # requests of several rows: never split, each batch at most the largest preferred size reached
+        sized = [np.full((rows, 4), rows, np.float32) for rows in (3, 3, 3, 2)]
+        results = await asyncio.gather(*(batcher.submit({"a": a, "b": a}, ["sum"], len(a)) for a in sized))
+        for a, r in zip(sized, results, strict=True):
+            np.testing.assert_array_equal(r.outputs["sum"], a * 2)
+        assert calls == [6, 3, 2]
+        # a request of the largest preferred size or more runs by itself
+        calls.clear()
+        big = np.ones((9, 4), np.float32)
+        result = await batcher.submit({"a": big, "b": big}, ["sum"], 9)
+        assert calls == [9] and result.queue_ns == 0
+
+    asyncio.run(main())
+
+
+def test_preferred_sizes_beyond_the_max_batch_size_are_refused() -> None:
+    async def run(
+        inputs: dict[str, np.ndarray], outputs: Sequence[str], rows: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match=r"within 1\.\.8"):
+        Batcher(run, max_batch_size=8, max_delay_s=0.0, preferred=[4, 16])
+
+
+def test_through_the_gateway_a_full_batch_is_its_own_execution_without_queue_time(
+    start_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    version_dir = write_version(
+        tmp_path,
+        "batched",
+        1,
+        add_mul(2.0),
+        "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 100000 preferred_batch_size: [ 4, 8 ] }\n",
+    )
+    handle: GatewayHandle = start_gateway(tmp_path)
+    client = tc.InferenceServerClient(handle.address)
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for rows in (8, 12, 16):  # at or above the largest preferred size: each runs at once, by itself
+        a, b = (rng.standard_normal((rows, 4)).astype(np.float32) for _ in range(2))
+        inputs = [tc.InferInput("a", [rows, 4], "FP32"), tc.InferInput("b", [rows, 4], "FP32")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        result = client.infer("batched", inputs)
+        for name in ("sum", "scaled"):
+            np.testing.assert_array_equal(result.as_numpy(name), session.run([name], {"a": a, "b": b})[0])
+    (s,) = client.get_inference_statistics("batched", "1").model_stats
+    assert s.execution_count == 3 and s.inference_count == 36
+    assert s.inference_stats.queue.count == 3 and s.inference_stats.queue.ns == 0
+    assert sorted((b.batch_size, b.compute_infer.count) for b in s.batch_stats) == [(8, 1), (12, 1), (16, 1)]
+
+
+def test_a_preferred_size_beyond_max_batch_size_fails_the_load(start_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    write_version(
+        tmp_path,
+        "bad",
+        1,
+        add_mul(2.0),
+        "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 4, 32 ] }\n",
+    )
+    handle: GatewayHandle = start_gateway(tmp_path)
+    client = tc.InferenceServerClient(handle.address)
+    (entry,) = [m for m in client.get_model_repository_index().models if m.name == "bad"]
+    assert (
+        entry.state == "UNAVAILABLE" and "preferred_batch_size" in entry.reason and "1..max_batch_size" in entry.reason
+    )
