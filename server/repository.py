@@ -59,7 +59,7 @@ from onnxgate.server.modelspec import (
 from onnxgate.server.overload import Limits
 from onnxgate.server.pb import model_config_pb2 as mc
 from onnxgate.server.routing import Router, check_versions, routing_config
-from onnxgate.server.runtime import OnnxModel
+from onnxgate.server.runtime import OnnxModel, session_settings
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +377,16 @@ class Repository:
         return served
 
     def _load_version(self, name: str, version: int, path: Path, model_config: mc.ModelConfig | None) -> ModelVersion:
-        runtime = OnnxModel(path, self._intra_op_threads)
         version_config_path = path.parent / CONFIG_FILE
         version_config = read_config(version_config_path) if version_config_path.is_file() else None
+        parameters = {  # the version's config overrides the model's, as in build_spec
+            key: value.string_value
+            for config in (model_config, version_config)
+            if config is not None
+            for key, value in config.parameters.items()
+        }
+        intra_op_threads, optimization_level = session_settings(name, parameters, self._intra_op_threads)
+        runtime = OnnxModel(path, intra_op_threads, optimization_level)
         spec = build_spec(
             name,
             model_config,

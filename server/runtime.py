@@ -15,17 +15,47 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxgate.server.errors import Internal, InvalidArgument
-from onnxgate.server.modelspec import TensorSpec, onnx_signature
+from onnxgate.server.modelspec import ConfigError, TensorSpec, onnx_signature
 
 log = logging.getLogger(__name__)
 
+# config.pbtxt parameters overriding the session settings per model (docs/benchmarks.md "onnxruntime settings")
+INTRA_OP, OPT_LEVEL = "ort_intra_op_threads", "ort_graph_optimization_level"
+LEVELS = {
+    "DISABLE": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_settings(name: str, parameters: Mapping[str, str], intra_op_threads: int) -> tuple[int, str]:
+    """(intra-op threads, optimisation level) of a model: the settings' default unless its config's
+    parameters say otherwise; ConfigError naming the parameter for a bad value."""
+    level = "ALL"
+    if INTRA_OP in parameters:
+        text = parameters[INTRA_OP].strip()
+        if not text.isdigit() or not 1 <= int(text) <= 256:
+            raise ConfigError(f"model {name!r}: parameter {INTRA_OP} = {text!r} is not a whole number from 1 to 256")
+        intra_op_threads = int(text)
+    if OPT_LEVEL in parameters:
+        level = parameters[OPT_LEVEL].strip().upper()
+        if level not in LEVELS:
+            raise ConfigError(
+                f"model {name!r}: parameter {OPT_LEVEL} = {parameters[OPT_LEVEL]!r} is not one of {', '.join(LEVELS)}"
+            )
+    return intra_op_threads, level
+
 
 class OnnxModel:
-    def __init__(self, path: Path, intra_op_threads: int) -> None:
+    def __init__(self, path: Path, intra_op_threads: int, optimization_level: str = "ALL") -> None:
         options = ort.SessionOptions()
         # concurrency comes from the executor's threads; one op thread each avoids oversubscribing cores
+        # (measured: bench/ort_settings.py, docs/benchmarks.md "onnxruntime settings")
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = LEVELS[optimization_level]
         options.log_severity_level = 3
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
