@@ -145,7 +145,8 @@ class RestApp:
                 rpc, code = _rpc_of_raw(raw_path), BodyTooLarge.code.name
             else:
                 path = _segments(raw_path)
-                rpc = rpc_of(path)
+                route = route_of(path)
+                rpc = route.rpc
                 if self.auth is not None:  # before the body is read
                     self._authorize(rpc, headers)
                 call = Call(
@@ -155,7 +156,7 @@ class RestApp:
                     headers,
                     await self._read_body(receive, headers),
                 )
-                status, body, extra = await self._dispatch(call)
+                status, body, extra = await self._dispatch(call, route)
                 code = "OK" if status < 400 else "UNAVAILABLE"  # 503: not ready (health/ready, model ready)
         except GatewayError as e:
             code = e.code.name
@@ -241,52 +242,48 @@ class RestApp:
 
     # -- routing ------------------------------------------------------------------------------
 
-    async def _dispatch(self, call: Call) -> Reply:
-        p = call.path
-        if p == ["health", "live"]:
-            return self._get(call) or (200, b"", [])
-        if p == ["health", "ready"]:
-            if self._get(call) is None and (not self.state.ready or self.state.draining):
-                return _json(503, {"error": "server is not ready (starting or shutting down)"})
-            return self._get(call) or (200, b"", [])
-        if p == []:
-            return self._get(call) or _message(protocol.server_metadata())
-        if p == ["models", "stats"]:
-            return self._get(call) or _message(protocol.model_statistics(self.repository, "", ""), defaults=True)
-        if p[:1] == ["repository"]:
-            return await self._repository(call, p[1:])
-        if len(p) < 2 or p[0] != "models" or not p[1]:
-            raise NotFound(f"no such path /v2/{'/'.join(p)}: see the Open Inference Protocol's REST paths")
-        name, rest = p[1], p[2:]
-        version = ""
-        if rest[:1] == ["versions"]:
-            if len(rest) < 2:
-                raise NotFound("a path with /versions needs the version number after it")
-            version, rest = rest[1], rest[2:]
-        action = rest[0] if len(rest) == 1 else "" if not rest else "/".join(rest)
-        if action == "infer":
+    async def _dispatch(self, call: Call, route: Route) -> Reply:
+        """Answer by the RPC the path stands for (`route_of`, the same table the metrics and planes use)."""
+        rpc, name, version = route.rpc, route.model, route.version
+        if rpc == "ModelInfer":
             return await self._infer(call, name, version)
-        if action == "feedback" and not version:
+        if rpc == "SendFeedback":
             return await self._feedback(call, name)
-        if action == "feedback/report" and not version:
-            return self._get(call) or await self._report(call, name)
-        if action == "":
-            return self._get(call) or _message(protocol.model_metadata(self.repository, name, version))
-        if action == "ready":
-            return self._get(call) or self._model_ready(name, version)
-        if action == "config":
-            return self._get(call) or _message(protocol.model_config(self.repository, name, version))
-        if action == "stats":
-            statistics = protocol.model_statistics(self.repository, name, version)
-            return self._get(call) or _message(statistics, defaults=True)
-        raise NotFound(f"no such path /v2/{'/'.join(p)}: see the Open Inference Protocol's REST paths")
+        if rpc in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):
+            return await self._repository(call, rpc, name)
+        if rpc == "unknown":
+            p = call.path
+            if p[:1] == ["models"] and p[2:] == ["versions"]:
+                raise NotFound("a path with /versions needs the version number after it")
+            where = f"/v2/{'/'.join(p)}"
+            if p[:1] == ["repository"]:
+                raise NotFound(f"no such path {where}: index, models/NAME/load, models/NAME/unload")
+            raise NotFound(f"no such path {where}: see the Open Inference Protocol's REST paths")
+        self._get(call)  # everything else reads
+        if rpc == "ServerLive":
+            return 200, b"", []
+        if rpc == "ServerReady":
+            if not self.state.ready or self.state.draining:
+                return _json(503, {"error": "server is not ready (starting or shutting down)"})
+            return 200, b"", []
+        if rpc == "ServerMetadata":
+            return _message(protocol.server_metadata())
+        if rpc == "ModelStatistics":
+            return _message(protocol.model_statistics(self.repository, name, version), defaults=True)
+        if rpc == "FeedbackReport":
+            return await self._report(call, name)
+        if rpc == "ModelReady":
+            return self._model_ready(name, version)
+        if rpc == "ModelConfig":
+            return _message(protocol.model_config(self.repository, name, version))
+        assert rpc == "ModelMetadata", rpc
+        return _message(protocol.model_metadata(self.repository, name, version))
 
     @staticmethod
-    def _get(call: Call) -> Reply | None:
-        """None for a GET (or HEAD); a 405 for anything else."""
-        if call.method in ("GET", "HEAD"):
-            return None
-        raise MethodNotAllowed(f"{call.method} is not allowed here: use GET")
+    def _get(call: Call) -> None:
+        """A 405 for anything but GET (or HEAD)."""
+        if call.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{call.method} is not allowed here: use GET")
 
     @staticmethod
     def _post(call: Call) -> None:
@@ -322,28 +319,26 @@ class RestApp:
             return 200, body, []
         return 200, body, [(b"Inference-Header-Content-Length", b"%d" % json_length)]
 
-    async def _repository(self, call: Call, p: list[str]) -> Reply:
+    async def _repository(self, call: Call, rpc: str, name: str) -> Reply:
         self._post(call)
         doc = parse_json(call.body, "the request body") if call.body.strip() else {}
         if not isinstance(doc, dict):
             raise InvalidArgument("the request body must be a JSON object")
-        if p == ["index"]:
+        if rpc == "RepositoryIndex":
             ready = doc.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidArgument("'ready' must be true or false")
             index = protocol.repository_index(self.repository, ready)
             return _json(200, [_to_json(entry, defaults=True) for entry in index.models])
-        if len(p) == 3 and p[0] == "models" and p[1] and p[2] in ("load", "unload"):
-            parameters = doc.get("parameters", {})
-            if not isinstance(parameters, dict):
-                raise InvalidArgument("'parameters' must be an object")
-            if p[2] == "unload":
-                await self.repository.unload(p[1])
-            else:
-                config, files = protocol.load_arguments(_load_parameters(parameters))
-                await self.repository.load(p[1], config, files)
-            return 200, b"", []
-        raise NotFound(f"no such path /v2/repository/{'/'.join(p)}: index, models/NAME/load, models/NAME/unload")
+        parameters = doc.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("'parameters' must be an object")
+        if rpc == "RepositoryModelUnload":
+            await self.repository.unload(name)
+        else:
+            config, files = protocol.load_arguments(_load_parameters(parameters))
+            await self.repository.load(name, config, files)
+        return 200, b"", []
 
     # -- feedback -------------------------------------------------------------------------------
 
@@ -484,28 +479,45 @@ _MODEL_RPCS = {"infer": "ModelInfer", "": "ModelMetadata", "ready": "ModelReady"
 _UNVERSIONED_RPCS = {**_MODEL_RPCS, "feedback": "SendFeedback", "feedback/report": "FeedbackReport"}
 
 
-def rpc_of(p: list[str]) -> str:
-    """The RPC name a path's answer is counted under, as `_dispatch` routes it; "unknown" for no route."""
+@dataclass(frozen=True)
+class Route:
+    rpc: str  # the RPC the path stands for; "unknown" for no route
+    model: str = ""
+    version: str = ""
+
+
+UNKNOWN = Route("unknown")
+
+
+def route_of(p: list[str]) -> Route:
+    """The one routing table: what `_dispatch` answers, what the metrics count and which plane a token needs."""
     if p == ["health", "live"]:
-        return "ServerLive"
+        return Route("ServerLive")
     if p == ["health", "ready"]:
-        return "ServerReady"
+        return Route("ServerReady")
     if not p:
-        return "ServerMetadata"
+        return Route("ServerMetadata")
     if p == ["models", "stats"]:
-        return "ModelStatistics"
+        return Route("ModelStatistics")
     if p[0] == "repository":
         if p[1:] == ["index"]:
-            return "RepositoryIndex"
-        if len(p) == 4 and p[1] == "models" and p[2]:
-            return {"load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}.get(p[3], "unknown")
-        return "unknown"
+            return Route("RepositoryIndex")
+        if len(p) == 4 and p[1] == "models" and p[2] and p[3] in ("load", "unload"):
+            return Route("RepositoryModelLoad" if p[3] == "load" else "RepositoryModelUnload", p[2])
+        return UNKNOWN
     if len(p) < 2 or p[0] != "models" or not p[1]:
-        return "unknown"
-    rest = p[2:]
+        return UNKNOWN
+    name, rest = p[1], p[2:]
     if rest[:1] == ["versions"]:
-        return "unknown" if len(rest) < 2 else _MODEL_RPCS.get("/".join(rest[2:]), "unknown")
-    return _UNVERSIONED_RPCS.get("/".join(rest), "unknown")
+        rpc = _MODEL_RPCS.get("/".join(rest[2:])) if len(rest) >= 2 else None
+        return Route(rpc, name, rest[1]) if rpc else UNKNOWN
+    rpc = _UNVERSIONED_RPCS.get("/".join(rest))
+    return Route(rpc, name) if rpc else UNKNOWN
+
+
+def rpc_of(p: list[str]) -> str:
+    """The RPC name a path's answer is counted under; "unknown" for no route."""
+    return route_of(p).rpc
 
 
 def _rpc_of_raw(raw_path: bytes) -> str:
