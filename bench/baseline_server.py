@@ -1,8 +1,11 @@
 """A do-nothing Open Inference Protocol server: the ceiling any Python gRPC gateway is measured against.
 
 grpc.aio (default) or, with --sync, grpcio's synchronous server with a ThreadPoolExecutor(8); the
-same generated stubs as onnxgate; ModelInfer answers a pre-built response without looking at the
-request. Prints `baseline: serving gRPC on HOST:PORT` once bound.
+same generated stubs as onnxgate. ModelInfer reads only the first input's row count
+(`request.inputs[0].shape[0]`, no tensor decoding) and answers a pre-built response of that many rows
+(a label and two class probabilities per row, like onnxgate's classifiers), built on the first request
+of each row count and cached: a 256-row request gets a 256-row answer, so the floor carries the same
+response bytes as a real server. Prints `baseline: serving gRPC on HOST:PORT` once bound.
 
     python bench/baseline_server.py --port 0 [--sync]
 """
@@ -21,33 +24,48 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 
 
-def prebuilt_response() -> pb.ModelInferResponse:
-    # the shape of what onnxgate answers for a classifier: a label and class probabilities
+def prebuilt_response(rows: int) -> pb.ModelInferResponse:
+    # the shape of what onnxgate answers for a classifier: a label and class probabilities per row
     return pb.ModelInferResponse(
         model_name="rf",
         model_version="1",
         outputs=[
-            pb.ModelInferResponse.InferOutputTensor(name="label", datatype="INT64", shape=[1]),
-            pb.ModelInferResponse.InferOutputTensor(name="probabilities", datatype="FP32", shape=[1, 2]),
+            pb.ModelInferResponse.InferOutputTensor(name="label", datatype="INT64", shape=[rows]),
+            pb.ModelInferResponse.InferOutputTensor(name="probabilities", datatype="FP32", shape=[rows, 2]),
         ],
-        raw_output_contents=[np.zeros(1, np.int64).tobytes(), np.zeros(2, np.float32).tobytes()],
+        raw_output_contents=[np.zeros(rows, np.int64).tobytes(), np.zeros(rows * 2, np.float32).tobytes()],
     )
+
+
+class Responses:
+    """Pre-built responses by row count. Under the sync server two threads may build the same one at once;
+    both are identical, so the race costs one extra build and nothing else."""
+
+    def __init__(self) -> None:
+        self.by_rows: dict[int, pb.ModelInferResponse] = {}
+
+    def answer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
+        response = self.by_rows.get(rows)
+        if response is None:
+            response = self.by_rows[rows] = prebuilt_response(rows)
+        return response
 
 
 class DoNothing(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
-        self.response = prebuilt_response()
+        self.responses = Responses()
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> pb.ModelInferResponse:
-        return self.response
+        return self.responses.answer(request)
 
 
 class SyncDoNothing(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self) -> None:
-        self.response = prebuilt_response()
+        self.responses = Responses()
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> pb.ModelInferResponse:
-        return self.response
+        return self.responses.answer(request)
 
 
 def serve_sync(port: int) -> None:

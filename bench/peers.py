@@ -1,33 +1,43 @@
-"""Side by side: onnxgate, MLServer, Triton, a do-nothing grpcio floor and in-process onnxruntime.
+"""Side by side: onnxgate, MLServer, Triton, both do-nothing grpcio floors and in-process onnxruntime.
 
-Issue 8 item 5. Trains three sklearn models with a fixed seed on 20 FP32 features (LogisticRegression,
-RandomForest with 100 trees, MLPClassifier) and serves the same models from every server:
+Issue 8 item 5: the one benchmark command that measures the side-by-side grid in one interleaved run and
+regenerates the generated block of docs/benchmarks.md (between the peers:begin / peers:end markers) and
+the plots docs/img/peers.png and docs/img/peers-targets.png. Trains three sklearn models with a fixed seed
+on 20 FP32 features (LogisticRegression, RandomForest with 100 trees, MLPClassifier) and serves the same
+models from every server:
 
-  floor     bench/baseline_server.py (grpc.aio, answers a pre-built response; aio and sync floors are within
-            1-3% here, docs/profile.md): the ceiling any Python gRPC server is measured against
-  onnxgate  the skl2onnx conversions (zipmap off: label + probabilities), onnxruntime
-  mlserver  MLServer 1.7.1 + mlserver-sklearn 1.7.1, the sklearn joblib pickles (.venv-mlserver;
-            default settings: one parallel inference worker; the runtime answers `predict`)
-  triton    Triton 2.51 from nvidia-pytriton 0.7.0 (.venv-pytriton), bench/peers_triton.py: an infer
-            function calling the sklearn model's predict_proba (same pickles), dynamic batching on
-  limit     in-process onnxruntime on the onnx files (same session options as a default
-            InferenceSession), a closed loop of sess.run for `duration` seconds: rows/s
+  floor-aio     bench/baseline_server.py (grpc.aio), a pre-built response sized to the request's rows
+  floor-sync    bench/baseline_server.py --sync (grpcio's sync server, a ThreadPoolExecutor(8)); a cell's
+                "floor" is the faster of the two by median requests/s in that cell
+  onnxgate      the skl2onnx conversions (zipmap off: label + probabilities), onnxruntime
+  onnxgate-log  the same with the prediction log on (--predlog-dir, a temporary directory)
+  mlserver      MLServer 1.7.1 + mlserver-sklearn 1.7.1, the sklearn joblib pickles (.venv-mlserver)
+  triton        Triton 2.51 from nvidia-pytriton 0.7.0 (.venv-pytriton), bench/peers_triton.py
+  limit         in-process onnxruntime on the onnx files with onnxgate's thread budget, two ways, the
+                faster is the limit: one caller with intra_op_num_threads = os.cpu_count(), and
+                os.cpu_count() threads calling one session (intra_op_num_threads 1) at once, like
+                onnxgate's executor threads
 
 For each (model, rows per request, clients) cell the servers are loaded one after another with
-../shared/bench/loadgen.py (--client raw), in an order rotated every repetition; `reps` repetitions.
-Resident memory (VmRSS summed over each server's process tree, workers and Triton's stub
-processes included) is read after all models are loaded and before any load. Writes the raw rounds
-and the summary as JSON (--out) and the plot docs/img/peers.png (requests/s per server per cell).
+../shared/bench/loadgen.py (--client raw), in an order rotated every repetition, and the limit is
+measured at the end of each repetition; `reps` repetitions. Resident memory (VmRSS summed over each
+process tree) is read after all models are loaded and before any load; after the timed run each model
+server is started once per model with only that model loaded (RSS after ready, no load).
 
     bash bench/setup_peers.sh                       # once: .venv-mlserver, .venv-pytriton
-    python bench/peers.py [--models lr,rf,mlp] [--rows 1,256] [--clients 1,8,32] [--reps 3] [--duration 3]
+    python bench/peers.py                           # the full grid; rewrites docs/benchmarks.md's block
+    python bench/peers.py --quick --doc /tmp/x.md   # smoke run
+    python bench/peers.py --render bench/results/peers.json   # re-render doc, tables, plots from saved JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -35,7 +45,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +60,27 @@ from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[1]
 LOADGEN_CANDIDATES = [ROOT / "shared" / "bench" / "loadgen.py", ROOT.parent / "shared" / "bench" / "loadgen.py"]
 FEATURES = 20
-MODELS = ("lr", "rf", "mlp")
+SERVERS = ("floor-aio", "floor-sync", "onnxgate", "onnxgate-log", "mlserver", "triton")
+FLOORS = ("floor-aio", "floor-sync")
+MODEL_SERVERS = ("onnxgate", "mlserver", "triton")  # the ones whose per-model memory is measured
+THREADS = os.cpu_count() or 1  # onnxgate's executor runs up to this many sessions at once
+BEGIN = "<!-- peers:begin (generated by bench/peers.py; do not edit by hand) -->"
+END = "<!-- peers:end -->"
+
+FULL = {"models": "lr,rf,mlp", "rows": "1,256", "clients": "1,8,32", "servers": ",".join(SERVERS),
+        "reps": 3, "duration": 3.0, "warmup": 1.0,
+        "out": ROOT / "bench" / "results" / "peers.json", "plot": ROOT / "docs" / "img" / "peers.png"}  # fmt: skip
+QUICK = {"models": "lr", "rows": "1", "clients": "1", "servers": "floor-aio,floor-sync,onnxgate,onnxgate-log",
+         "reps": 1, "duration": 0.5, "warmup": 0.3,
+         "out": ROOT / "bench" / "results" / "peers-quick.json",
+         "plot": ROOT / "bench" / "results" / "peers-quick.png"}  # fmt: skip
 
 
-def train(out: Path) -> None:
-    """The three models, as onnx (onnxgate's repository) and as joblib (MLServer, Triton)."""
+# --- models -------------------------------------------------------------------------------------------
+
+
+def train(out: Path, names: list[str]) -> None:
+    """The models, as onnx (onnxgate's repository), joblib (Triton) and MLServer model folders."""
     import joblib
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -64,11 +92,12 @@ def train(out: Path) -> None:
     x = rng.standard_normal((2000, FEATURES)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(int)
     models = {
-        "lr": LogisticRegression(max_iter=1000, random_state=0),
-        "rf": RandomForestClassifier(n_estimators=100, random_state=0),
-        "mlp": MLPClassifier(hidden_layer_sizes=(64, 64), max_iter=300, random_state=0),
+        "lr": lambda: LogisticRegression(max_iter=1000, random_state=0),
+        "rf": lambda: RandomForestClassifier(n_estimators=100, random_state=0),
+        "mlp": lambda: MLPClassifier(hidden_layer_sizes=(64, 64), max_iter=300, random_state=0),
     }
-    for name, clf in models.items():
+    for name in names:
+        clf = models[name]()
         clf.fit(x, y)
         # MLPClassifier keeps its fitted RandomState, whose numpy 2 pickle .venv-pytriton's numpy 1.26 cannot
         # read; predict never uses it
@@ -88,6 +117,30 @@ def train(out: Path) -> None:
         (out / "mlserver" / name / "model-settings.json").write_text(json.dumps(settings))
 
 
+def subset(tmp: Path, kind: str, models: list[str]) -> Path:
+    """A copy of tmp/kind holding only `models` (entries named NAME or NAME.joblib): each server loads
+    everything in its folder, so a folder per model set is how one server start loads one model."""
+    dst = tmp / f"{kind}-{'-'.join(models)}"
+    if not dst.exists():
+        dst.mkdir()
+        for entry in (tmp / kind).iterdir():
+            if Path(entry.name).stem in models:
+                copy = shutil.copytree if entry.is_dir() else shutil.copy
+                copy(entry, dst / entry.name)
+    return dst
+
+
+# --- servers ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,24 +148,100 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
-    channel = grpc.insecure_channel(url)
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-    end = time.monotonic() + timeout
-    pending = list(models)
-    while pending:
-        if process.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {process.returncode}")
-        if time.monotonic() > end:
-            raise RuntimeError(f"{url}: models {pending} not ready after {timeout} s")
+def server_command(name: str, tmp: Path, models: list[str], port: int) -> tuple[list[str], dict[str, str]]:
+    if name in FLOORS:
+        return [sys.executable, "bench/baseline_server.py", "--port", str(port)] + (
+            ["--sync"] if name == "floor-sync" else []
+        ), {}
+    if name in ("onnxgate", "onnxgate-log"):
+        cmd = [sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(subset(tmp, "onnx", models)),
+               "--grpc-port", str(port), "--metrics-port", "-1", "--http-port", "-1", "--log-level", "warning"]  # fmt: skip
+        if name == "onnxgate-log":
+            predlog = Path(tempfile.mkdtemp(prefix="predlog-", dir=tmp))
+            cmd += ["--predlog-dir", str(predlog)]
+        return cmd, {}
+    if name == "mlserver":
+        folder = subset(tmp, "mlserver", models)
+        settings = {"grpc_port": port, "http_port": free_port(), "metrics_port": free_port(), "debug": False}
+        (folder / "settings.json").write_text(json.dumps(settings))
+        return [str(ROOT / ".venv-mlserver" / "bin" / "mlserver"), "start", str(folder)], {}
+    if name == "triton":
+        libdir = sysconfig.get_config_var("LIBDIR")  # the Python installation's lib: Triton's python backend links it
+        cmd = [str(ROOT / ".venv-pytriton" / "bin" / "python"), "bench/peers_triton.py",
+               "--models", str(subset(tmp, "joblib", models)), "--grpc-port", str(port),
+               "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--features", str(FEATURES)]  # fmt: skip
+        return cmd, {"LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    raise SystemExit(f"unknown server {name!r}; known: {', '.join(SERVERS)}")
+
+
+def launch(name: str, tmp: Path, models: list[str], processes: list[subprocess.Popen[bytes]], tag: str) -> Server:
+    port = free_port()
+    cmd, env = server_command(name, tmp, models, port)
+    logs = tmp / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"{name}-{tag}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    processes.append(process)  # registered before any wait, so `finally` stops it whatever happens next
+    return Server(name, process, f"127.0.0.1:{port}", log)
+
+
+def check_alive(server: Server, deadline: float, what: str) -> None:
+    if server.process.poll() is not None:
+        raise RuntimeError(f"{server.name} exited with {server.process.returncode}\n{log_tail(server)}")
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"{server.name}: {what} not ready in time\n{log_tail(server)}")
+
+
+def log_tail(server: Server) -> str:
+    return server.log.read_text(errors="replace")[-3000:]
+
+
+def wait_ready(server: Server, models: list[str], timeout: float = 240.0) -> None:
+    """The port accepts connections (the floors have no ModelReady), then every model reports ready."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.url) as channel:
+        while True:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                break
+            except grpc.FutureTimeoutError:
+                check_alive(server, deadline, "port")
+        if server.name in FLOORS:
+            return
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        for model in models:
+            while not model_ready(stub, model):
+                check_alive(server, deadline, f"model {model}")
+                time.sleep(0.3)
+
+
+def model_ready(stub: Any, model: str) -> bool:
+    try:
+        return bool(stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=2).ready)
+    except grpc.RpcError:
+        return False
+
+
+def start_all(tmp: Path, names: list[str], models: list[str], processes: list[subprocess.Popen[bytes]]) -> dict[str, Server]:  # fmt: skip
+    # launched together so the slow starts (Triton, MLServer) overlap, then waited on one by one
+    servers = {name: launch(name, tmp, models, processes, "all") for name in names}
+    for server in servers.values():
+        wait_ready(server, models)
+    return servers
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
         try:
-            if stub.ModelReady(pb.ModelReadyRequest(name=pending[0]), timeout=2).ready:
-                pending.pop(0)
-                continue
-        except grpc.RpcError:
-            pass
-        time.sleep(0.5)
-    channel.close()
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    processes.clear()
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -138,107 +267,351 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 1024, 1)
 
 
-def start_servers(
-    tmp: Path, wanted: list[str], models: list[str], processes: list[subprocess.Popen[bytes]]
-) -> dict[str, tuple[subprocess.Popen[bytes], str]]:
-    logs = tmp / "logs"
-    logs.mkdir(exist_ok=True)
-    cmds: dict[str, tuple[list[str], dict[str, str], int]] = {}
-    port = free_port()
-    cmds["floor"] = ([sys.executable, "bench/baseline_server.py", "--port", str(port)], {}, port)
-    port = free_port()
-    cmds["onnxgate"] = ([sys.executable, "-m", "onnxgate", "serve", "--model-repository", str(tmp / "onnx"),
-                         "--grpc-port", str(port), "--metrics-port", "-1", "--http-port", "-1",
-                         "--log-level", "warning"], {}, port)  # fmt: skip
-    port = free_port()
-    settings = {"grpc_port": port, "http_port": free_port(), "metrics_port": free_port(), "debug": False}
-    (tmp / "mlserver" / "settings.json").write_text(json.dumps(settings))
-    cmds["mlserver"] = ([str(ROOT / ".venv-mlserver" / "bin" / "mlserver"), "start", str(tmp / "mlserver")], {}, port)
-    port = free_port()
-    libdir = sysconfig.get_config_var("LIBDIR")  # the Python installation's lib: Triton's python backend links it
-    cmds["triton"] = ([str(ROOT / ".venv-pytriton" / "bin" / "python"), "bench/peers_triton.py",
-                       "--models", str(tmp / "joblib"), "--grpc-port", str(port), "--http-port", str(free_port()),
-                       "--metrics-port", str(free_port()), "--features", str(FEATURES)],
-                      {"LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"}, port)  # fmt: skip
-    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-    for name in wanted:
-        cmd, env, port = cmds[name]
-        log = (logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        servers[name] = (process, f"127.0.0.1:{port}")
-        processes.append(process)
-    for name, (process, url) in servers.items():
-        try:
-            wait_ready(url, [] if name == "floor" else models, process)
-        except RuntimeError as e:
-            tail = (logs / f"{name}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{name}: {e}\n{tail}") from e
-        if name == "floor":
-            time.sleep(2)  # no ModelReady on the do-nothing server; give it its start-up
-    return servers
+def rss_per_model(tmp: Path, names: list[str], models: list[str]) -> dict[str, dict[str, float]]:
+    """Each model server started once per model with only that model loaded; RSS after ready, no load."""
+    result: dict[str, dict[str, float]] = {}
+    for name in (n for n in names if n in MODEL_SERVERS):
+        for model in models:
+            processes: list[subprocess.Popen[bytes]] = []
+            try:
+                server = launch(name, tmp, [model], processes, model)
+                wait_ready(server, [model])
+                result.setdefault(name, {})[model] = tree_rss_mb(server.process.pid)
+            finally:
+                stop(processes)
+            progress(f"memory {name} {model}: {result[name][model]} MB")
+    return result
 
 
-def load(loadgen: Path, url: str, model: str, rows: int, clients: int, duration: float) -> dict[str, Any]:
+# --- load and the limit -------------------------------------------------------------------------------
+
+
+def load(loadgen: Path, url: str, model: str, rows: int, clients: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(loadgen), "--url", url, "--model", model, "--concurrency", str(clients),
-           "--duration", str(duration), "--batch", str(rows), "--features", str(FEATURES), "--client", "raw"]  # fmt: skip
+           "--duration", str(args.duration), "--warmup", str(args.warmup), "--batch", str(rows),
+           "--features", str(FEATURES), "--client", "raw"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
-def in_process_rows_per_s(onnx: Path, rows: int, duration: float) -> float:
+def session(onnx: Path, intra: int) -> Any:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra
+    return ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+
+
+def limit_one_caller(onnx: Path, rows: int, duration: float) -> float:
+    """rows/s of one caller in a closed loop, onnxruntime's intra-op pool using every core."""
+    return limit_callers(session(onnx, THREADS), 1, rows, duration)
+
+
+def limit_threads(onnx: Path, rows: int, duration: float) -> float:
+    """rows/s of THREADS callers on one session with intra_op 1: onnxgate's layout (sess.run releases the GIL)."""
+    return limit_callers(session(onnx, 1), THREADS, rows, duration)
+
+
+def limit_callers(sess: Any, callers: int, rows: int, duration: float) -> float:
     x = np.random.default_rng(0).standard_normal((rows, FEATURES)).astype(np.float32)
     for _ in range(20):
         sess.run(None, {"input": x})
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration:
-        sess.run(None, {"input": x})
-        n += 1
-    return n * rows / (time.perf_counter() - t0)
+    counts = [0] * callers
+    start = threading.Barrier(callers + 1)
+    end = [0.0]
+
+    def caller(i: int) -> None:
+        start.wait()
+        while time.perf_counter() < end[0]:
+            sess.run(None, {"input": x})
+            counts[i] += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    end[0] = t0 + duration
+    start.wait()
+    for t in threads:
+        t.join()
+    return sum(counts) * rows / (time.perf_counter() - t0)
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+def progress(line: str) -> None:
+    # the clock time on each line tells how long a cell (and so the whole grid) takes
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
 
 
-def markdown(summary: dict[str, Any], servers: list[str]) -> str:
-    """The tables for docs/benchmarks.md: requests/s median (min-max), ratios, rows/s vs in-process."""
-    head = "| model / rows / clients | " + " | ".join(servers) + " | onnxgate/floor | onnxgate/mlserver"
-    head += " | onnxgate/triton | onnxgate p50 ms | onnxgate rows/s / in-process ort |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def timed_run(loadgen: Path, servers: dict[str, Server], tmp: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    limit: dict[str, dict[str, list[float]]] = {}
+    cells = [(m, r, c) for m in args.models for r in args.rows for c in args.clients]
+    for rep in range(args.reps):
+        order = args.servers[rep % len(args.servers) :] + args.servers[: rep % len(args.servers)]
+        for model, rows, clients in cells:
+            key = f"{model}/{rows}/{clients}"
+            for name in order:
+                r = load(loadgen, servers[name].url, model, rows, clients, args)
+                rounds.setdefault(key, {}).setdefault(name, []).append(r)
+                progress(f"rep {rep} {key} {name}: {r['rps']} req/s p50 {r['p50_ms']} ms errors {r['errors']}"
+                         f" {r['first_error'] or ''}")  # fmt: skip
+        for model in args.models:
+            onnx = tmp / "onnx" / model / "1" / "model.onnx"
+            for rows in args.rows:
+                entry = limit.setdefault(f"{model}/{rows}", {"one_caller": [], "threads": []})
+                entry["one_caller"].append(round(limit_one_caller(onnx, rows, args.duration), 1))
+                entry["threads"].append(round(limit_threads(onnx, rows, args.duration), 1))
+                progress(f"rep {rep} limit {model}/{rows}: {entry}")
+    return rounds, limit
+
+
+# --- summary ------------------------------------------------------------------------------------------
+
+
+def server_stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    rps = [r["rps"] for r in rs]
+    p50 = [r["p50_ms"] for r in rs]
+    return {"rps": rps, "p50_ms": p50, "errors": [r["errors"] for r in rs],
+            "first_errors": [r["first_error"] for r in rs if r["first_error"]],
+            "rps_median": statistics.median(rps), "rps_min": min(rps), "rps_max": max(rps),
+            "p50_median_ms": statistics.median(p50), "p50_min_ms": min(p50), "p50_max_ms": max(p50),
+            "client_cpu": [r["client_cpu"] for r in rs]}  # fmt: skip
+
+
+def summarise_limit(limit: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, ways in limit.items():
+        one, threads = statistics.median(ways["one_caller"]), statistics.median(ways["threads"])
+        out[key] = {**ways, "one_caller_median": one, "threads_median": threads, "limit": max(one, threads),
+                    "limit_by": "one_caller" if one >= threads else "threads"}  # fmt: skip
+    return out
+
+
+def cell_ratios(cell: dict[str, Any], rows: int, limit: dict[str, Any] | None) -> dict[str, Any]:
+    servers = cell["servers"]
+    med = {n: s["rps_median"] for n, s in servers.items()}
+    floors = [n for n in FLOORS if n in med]
+    fastest = max(floors, key=lambda n: med[n]) if floors else None
+    ratios: dict[str, float] = {}
+    gw = med.get("onnxgate")
+    if gw:
+        if fastest:
+            ratios["onnxgate/floor"] = round(gw / med[fastest], 3)
+        for peer in ("mlserver", "triton"):
+            if med.get(peer):
+                ratios[f"onnxgate/{peer}"] = round(gw / med[peer], 3)
+        if "onnxgate-log" in med:
+            ratios["onnxgate-log/onnxgate"] = round(med["onnxgate-log"] / gw, 3)
+        if limit:
+            ratios["onnxgate rows/s / limit"] = round(gw * rows / limit["limit"], 4)
+    return {"fastest_floor": fastest, "ratios": ratios}
+
+
+def summarise(rounds: dict[str, Any], limit_raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    limit = summarise_limit(limit_raw)
+    cells: dict[str, Any] = {}
+    for key, by_server in rounds.items():
+        model, rows, _ = key.split("/")
+        cell: dict[str, Any] = {"servers": {n: server_stats(rs) for n, rs in by_server.items()}}
+        cell.update(cell_ratios(cell, int(rows), limit.get(f"{model}/{rows}")))
+        cells[key] = cell
+    return {"cells": cells, "limit": limit}
+
+
+def target_row(what: str, value: float | None, target: float, at_least: bool, unit: str) -> dict[str, Any]:
+    if value is None:
+        return {"what": what, "value": None, "target": target, "at_least": at_least, "unit": unit, "met": None}
+    met = value >= target if at_least else value <= target
+    return {"what": what, "value": value, "target": target, "at_least": at_least, "unit": unit, "met": met,
+            "distance": round(abs(target - value), 3)}  # fmt: skip
+
+
+def targets(summary: dict[str, Any], models: list[str], rows: list[int], clients: list[int]) -> list[dict[str, Any]]:
+    """The issue's targets, each from this run's medians. A grid without 32 (or 1) clients uses its largest
+    (smallest) client count, and says so in the row."""
+    cells = summary["cells"]
+    hi, lo = max(clients), min(clients)
+
+    def med(key: str, server: str, field: str = "rps_median") -> float | None:
+        s = cells.get(key, {}).get("servers", {}).get(server)
+        return None if s is None else float(s[field])
+
+    out: list[dict[str, Any]] = []
+    for m in models:
+        if 1 not in rows:
+            continue
+        key_hi, key_lo = f"{m}/1/{hi}", f"{m}/1/{lo}"
+        out.append(target_row(f"{m}, 1 row, c={hi}: onnxgate req/s ÷ fastest floor ({cells[key_hi]['fastest_floor']})",
+                              cells[key_hi]["ratios"].get("onnxgate/floor"), 0.9, True, "x"))  # fmt: skip
+        floor = cells[key_lo]["fastest_floor"]
+        gw, fl = med(key_lo, "onnxgate", "p50_median_ms"), floor and med(key_lo, floor, "p50_median_ms")
+        delta = round(gw - fl, 3) if gw is not None and fl is not None else None
+        out.append(target_row(f"{m}, 1 row, c={lo}: onnxgate p50 minus fastest floor ({floor}) p50", delta, 0.1, False, "ms"))  # fmt: skip
+    for m in models:
+        if 256 not in rows:
+            continue
+        by_c = {c: med(f"{m}/256/{c}", "onnxgate") or 0.0 for c in clients}
+        best = max(by_c, key=lambda c: by_c[c])
+        for label, c in (("where onnxgate is fastest", best), ("", 8)):
+            if c in clients:
+                value = cells[f"{m}/256/{c}"]["ratios"].get("onnxgate rows/s / limit")
+                what = f"{m}, 256 rows, c={c}{' (' + label + ')' if label else ''}: onnxgate rows/s ÷ limit"
+                out.append(target_row(what, value, 0.7, True, "x"))
+    if 1 in rows:
+        for m in models:
+            value = cells[f"{m}/1/{hi}"]["ratios"].get("onnxgate-log/onnxgate")
+            out.append(target_row(f"{m}, 1 row, c={hi}: onnxgate-log req/s ÷ onnxgate", value, 0.95, True, "x"))
+    return out
+
+
+# --- markdown and plots -------------------------------------------------------------------------------
+
+
+def spread(median: float, lo: float, hi: float, digits: int = 0) -> str:
+    return f"{median:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return [title, "", *lines, *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def grid_tables(summary: dict[str, Any], servers: list[str]) -> list[str]:
+    rps_rows, p50_rows = [], []
     for key, cell in summary["cells"].items():
-        row = [key] + [spread(cell[n]["rps"]) + (" (errors)" if any(cell[n].get("errors", [])) else "")
-                       if n in cell else "-" for n in servers]  # fmt: skip
-        row += [
-            f"{cell[r]:.2f}x" if r in cell else "-" for r in ("onnxgate/floor", "onnxgate/mlserver", "onnxgate/triton")
-        ]
-        row.append(f"{cell['onnxgate']['p50_median_ms']:.2f}" if "onnxgate" in cell else "-")
-        ratio = cell.get("onnxgate_rows_per_s/in_process")
-        row.append(f"{ratio:.2f}x" if ratio is not None else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| in-process onnxruntime | rows/s, median (min-max) |", "|---|---|"]
-    lines += [f"| {k} | {spread(v)} |" for k, v in summary["in_process_ort_rows_per_s"].items()]
-    lines += ["", "| server | RSS after loading lr + rf + mlp, MB |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in summary["rss_mb_after_loading"].items()]
+        rps, p50 = [key], [key]
+        for n in servers:
+            s = cell["servers"].get(n)
+            errors = sum(s["errors"]) if s else 0
+            rps.append(spread(s["rps_median"], s["rps_min"], s["rps_max"]) + (f" ({errors} errors)" if errors else "")
+                       if s else "-")  # fmt: skip
+            p50.append(spread(s["p50_median_ms"], s["p50_min_ms"], s["p50_max_ms"], 2) if s else "-")
+        rps_rows.append(rps)
+        p50_rows.append(p50)
+    head = ["model / rows / clients", *servers]
+    return [
+        *table("Requests/s, median (min-max) over the repetitions:", head, rps_rows),
+        "",
+        *table("p50 latency, ms, median (min-max):", head, p50_rows),
+    ]
+
+
+def ratio_table(summary: dict[str, Any]) -> list[str]:
+    names = [
+        "onnxgate/floor",
+        "onnxgate-log/onnxgate",
+        "onnxgate/mlserver",
+        "onnxgate/triton",
+        "onnxgate rows/s / limit",
+    ]
+    rows = []
+    for key, cell in summary["cells"].items():
+        r = cell["ratios"]
+        rows.append([key, cell["fastest_floor"] or "-"] + [f"{r[n]:.3g}x" if n in r else "-" for n in names])
+    title = "Ratios of medians (floor = the faster floor of the cell, named):"
+    return table(title, ["model / rows / clients", "fastest floor", *names], rows)
+
+
+def limit_table(summary: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, v in summary["limit"].items():
+        one = spread(v["one_caller_median"], min(v["one_caller"]), max(v["one_caller"]))
+        thr = spread(v["threads_median"], min(v["threads"]), max(v["threads"]))
+        rows.append([key, one, thr, f"{v['limit']:.0f}", v["limit_by"].replace("_", " ")])
+    head = ["model / rows", f"one caller, intra_op {THREADS}: rows/s", f"{THREADS} threads, intra_op 1: rows/s",
+            "limit (the faster)", "by"]  # fmt: skip
+    return table(
+        f"In-process onnxruntime (the limit), rows/s median (min-max), {THREADS} = os.cpu_count():", head, rows
+    )
+
+
+def memory_tables(meta: dict[str, Any], models: list[str]) -> list[str]:
+    per_model, all_loaded = meta.get("rss_per_model_mb", {}), meta["rss_mb_after_loading"]
+    rows = []
+    for name, rss in all_loaded.items():
+        if name in FLOORS:
+            rows.append([f"{name} (no model, reference)"] + ["-"] * len(models) + [f"{rss:.0f}"])
+        else:
+            rows.append([name] + [f"{per_model.get(name, {}).get(m, 0):.0f}" if m in per_model.get(name, {}) else "-"
+                                  for m in models] + [f"{rss:.0f}"])  # fmt: skip
+    head = ["server", *(f"{m} only" for m in models), f"all loaded ({' + '.join(models)})"]
+    title = ("Resident memory, MB (VmRSS of the process tree after the models are loaded, before any request;"
+             " one start per model for the single-model columns):")  # fmt: skip
+    return table(title, head, rows)
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for t in rows:
+        sign = "≥" if t["at_least"] else "≤"
+        unit = t["unit"]
+        if t["value"] is None:
+            out.append([t["what"], "not measured", f"{sign} {t['target']}{unit}", "-"])
+            continue
+        word = "short" if t["at_least"] else "over"
+        space = " " if unit == "ms" else ""
+        verdict = "met" if t["met"] else f"not met ({t['distance']:.3g}{space}{unit} {word})"
+        value = f"{t['value']:.3g}{unit}" if unit == "x" else f"{t['value']:+.3f} {unit}"
+        out.append([t["what"], value, f"{sign} {t['target']}{' ' if unit == 'ms' else ''}{unit}", verdict])
+    return table("Targets (issue 8), from this run's medians:", ["what", "value", "target", "verdict"], out)
+
+
+def block(result: dict[str, Any], doc: Path, plots: tuple[Path, Path]) -> str:
+    meta, summary = result["meta"], result["summary"]
+    servers = meta["servers"]
+    links = [os.path.relpath(p, doc.parent) for p in plots]
+    lines = [
+        BEGIN,
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Run of {meta['date']}: {meta['reps']} repetition(s) of {meta['duration_s']} s per cell ({meta['warmup_s']} s"
+        f" warm-up), servers {', '.join(servers)}; `nproc` {meta['nproc']}, {meta['cpu']}; Python {meta['python']},"
+        f" onnxruntime {meta['onnxruntime']}, grpcio {meta['grpcio']}, scikit-learn {meta['sklearn']}.",
+        "",
+        *grid_tables(summary, servers),
+        "",
+        *ratio_table(summary),
+        "",
+        *limit_table(summary),
+        "",
+        *memory_tables(meta, meta["models"]),
+        "",
+        *targets_table(result["targets"]),
+        "",
+        f"![requests/s per server per cell]({links[0]})",
+        "",
+        f"![onnxgate against the targets]({links[1]})",
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], servers: list[str], path: Path) -> None:
+def write_doc(doc: Path, text: str) -> None:
+    current = doc.read_text()
+    if current.count(BEGIN) != 1 or current.count(END) != 1 or current.index(BEGIN) > current.index(END):
+        raise SystemExit(f"{doc}: needs exactly one '{BEGIN}' line followed by one '{END}' line")
+    head, rest = current.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + text + tail)
+
+
+def plot_grid(summary: dict[str, Any], servers: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = list(summary["cells"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cells)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cells)), 4.8))
     width = 0.8 / len(servers)
     for i, name in enumerate(servers):
-        med = [summary["cells"][c].get(name, {}).get("rps_median", 0) for c in cells]
-        lo = [m - summary["cells"][c].get(name, {}).get("rps_min", m) for c, m in zip(cells, med, strict=True)]
-        hi = [summary["cells"][c].get(name, {}).get("rps_max", m) - m for c, m in zip(cells, med, strict=True)]
+        stats = [summary["cells"][c]["servers"].get(name) for c in cells]
+        med = [s["rps_median"] if s else 0 for s in stats]
+        lo = [s["rps_median"] - s["rps_min"] if s else 0 for s in stats]
+        hi = [s["rps_max"] - s["rps_median"] if s else 0 for s in stats]
         xs = [j + (i - (len(servers) - 1) / 2) * width for j in range(len(cells))]
         ax.bar(xs, med, width, yerr=[lo, hi], label=name, capsize=2)
     ax.set_xticks(range(len(cells)))
@@ -246,95 +619,135 @@ def plot(summary: dict[str, Any], servers: list[str], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("requests/s (median, min-max bars)")
     ax.set_title("gRPC requests/s per server, cell = model / rows per request / clients")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=3)
+    save(fig, path)
+
+
+def plot_targets(rows: list[dict[str, Any]], path: Path) -> None:
+    """One bar per target row: ratios above, p50 deltas (ms) below, the target as a mark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [[t for t in rows if t["unit"] == u and t["value"] is not None] for u in ("x", "ms")]
+    sizes = [max(1, len(g)) for g in groups]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 1.6 + 0.35 * sum(sizes)), height_ratios=sizes)
+    for ax, group, unit in zip(axes, groups, ("ratio (x)", "ms"), strict=True):
+        ys = range(len(group))
+        colours = ["tab:green" if t["met"] else "tab:red" for t in group]
+        ax.barh(list(ys), [t["value"] for t in group], color=colours)
+        ax.scatter([t["target"] for t in group], list(ys), marker="|", s=300, color="black", label="target")
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([t["what"] for t in group], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+    axes[0].set_title("onnxgate vs the targets (green met, red not met, | target)", fontsize=9)
+    axes[1].set_title("onnxgate p50 minus the fastest floor's p50 at one client (| target)", fontsize=9)
+    save(fig, path)
+
+
+def save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long target labels: never clipped
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="lr,rf,mlp")
-    ap.add_argument("--rows", default="1,256")
-    ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--servers", default="floor,onnxgate,mlserver,triton")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=3.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.json")
-    ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "peers.png")
-    ap.add_argument("--render", type=Path, help="only re-render the plot and tables from a saved --out JSON")
-    args = ap.parse_args()
-    if args.render:
-        saved = json.loads(args.render.read_text())["summary"]
-        names = [n for n in args.servers.split(",") if any(n in c for c in saved["cells"].values())]
-        plot(saved, names, args.plot)
-        print(markdown(saved, names))
-        return
-    models = args.models.split(",")
-    rows_list = [int(r) for r in args.rows.split(",")]
-    clients_list = [int(c) for c in args.clients.split(",")]
-    wanted = args.servers.split(",")
-    loadgen = next((p for p in LOADGEN_CANDIDATES if p.is_file()), None)
-    if loadgen is None:
-        sys.exit("loadgen.py not found beside the repository (../shared/bench/loadgen.py)")
+def render(result: dict[str, Any], args: argparse.Namespace) -> None:
+    targets_png = args.plot.with_name(args.plot.stem + "-targets.png")
+    plot_grid(result["summary"], result["meta"]["servers"], args.plot)
+    plot_targets(result["targets"], targets_png)
+    text = block(result, args.doc, (args.plot, targets_png))
+    print(text)
+    if not args.no_doc:
+        write_doc(args.doc, text)
+        progress(f"wrote {args.doc}'s peers block, {args.plot}, {targets_png}")
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime
+    import sklearn
+
+    def rel(p: str) -> str:
+        path = Path(p).absolute()
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else p
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return {"command": shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
+            "cpu": cpu, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "grpcio": grpc.__version__, "sklearn": sklearn.__version__, "reps": args.reps,
+            "duration_s": args.duration, "warmup_s": args.warmup, "models": args.models, "rows": args.rows,
+            "clients": args.clients, "servers": args.servers}  # fmt: skip
+
+
+def measure(loadgen: Path, args: argparse.Namespace) -> dict[str, Any]:
+    meta = environment(args)
     tmp = Path(tempfile.mkdtemp())
     processes: list[subprocess.Popen[bytes]] = []  # every started server, stopped in `finally` even if start fails
     try:
-        train(tmp)
-        servers = start_servers(tmp, wanted, models, processes)
-        rss = {name: tree_rss_mb(process.pid) for name, (process, _) in servers.items()}
-        print(json.dumps({"rss_mb_after_loading": rss}), file=sys.stderr, flush=True)
-        rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        limit: dict[str, list[float]] = {}
-        cells = [(m, r, c) for m in models for r in rows_list for c in clients_list]
-        for rep in range(args.reps):
-            for model, rows, clients in cells:
-                key = f"{model}/{rows}/{clients}"
-                order = wanted[rep % len(wanted) :] + wanted[: rep % len(wanted)]
-                for name in order:
-                    r = load(loadgen, servers[name][1], model, rows, clients, args.duration)
-                    rounds.setdefault(key, {}).setdefault(name, []).append(r)
-                    print(f"rep {rep} {key} {name}: {r['rps']} req/s p50 {r['p50_ms']} ms errors {r['errors']}"
-                          f" {r['first_error'] or ''}", file=sys.stderr, flush=True)  # fmt: skip
-            for model in models:
-                for rows in rows_list:
-                    ort_rps = in_process_rows_per_s(tmp / "onnx" / model / "1" / "model.onnx", rows, args.duration)
-                    limit.setdefault(f"{model}/{rows}", []).append(round(ort_rps, 1))
-        summary: dict[str, Any] = {"reps": args.reps, "duration_s": args.duration, "rss_mb_after_loading": rss,
-                                   "in_process_ort_rows_per_s": limit, "cells": {}}  # fmt: skip
-        for key, by_server in rounds.items():
-            cell: dict[str, Any] = {}
-            for name, rs in by_server.items():
-                rps = [r["rps"] for r in rs]
-                p50 = [r["p50_ms"] for r in rs]
-                cell[name] = {"rps": rps, "errors": [r["errors"] for r in rs], "p50_ms": p50,
-                              "rps_median": statistics.median(rps),
-                              "rps_min": min(rps), "rps_max": max(rps), "p50_median_ms": statistics.median(p50),
-                              "client_cpu": [r["client_cpu"] for r in rs]}  # fmt: skip
-            gw = cell.get("onnxgate", {}).get("rps_median")
-            if gw:
-                for name in by_server:
-                    if name != "onnxgate":
-                        cell[f"onnxgate/{name}"] = round(gw / cell[name]["rps_median"], 3)
-                model, rows, _ = key.split("/")
-                ort = limit.get(f"{model}/{rows}")
-                if ort:
-                    cell["onnxgate_rows_per_s/in_process"] = round(gw * int(rows) / statistics.median(ort), 3)
-            summary["cells"][key] = cell
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=1))
-        plot(summary, wanted, args.plot)
-        print(json.dumps(summary, indent=1))
-        print(markdown(summary, wanted))
+        train(tmp, args.models)
+        servers = start_all(tmp, args.servers, args.models, processes)
+        meta["rss_mb_after_loading"] = {n: tree_rss_mb(s.process.pid) for n, s in servers.items()}
+        progress(json.dumps({"rss_mb_after_loading": meta["rss_mb_after_loading"]}))
+        rounds, limit = timed_run(loadgen, servers, tmp, args)
+        stop(processes)  # the per-model starts come after the timed run, on a quiet machine
+        meta["rss_per_model_mb"] = rss_per_model(tmp, args.servers, args.models)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
         shutil.rmtree(tmp, ignore_errors=True)
+    summary = summarise(rounds, limit, args)
+    return {"meta": meta, "summary": summary, "targets": targets(summary, args.models, args.rows, args.clients),
+            "rounds": rounds}  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}; needs --doc or --no-doc")
+    ap.add_argument("--models", help=f"default {FULL['models']}")
+    ap.add_argument("--rows", help=f"rows per request, default {FULL['rows']}")
+    ap.add_argument("--clients", help=f"default {FULL['clients']}")
+    ap.add_argument("--servers", help=f"default {FULL['servers']}")
+    ap.add_argument("--reps", type=int, help=f"default {FULL['reps']}")
+    ap.add_argument("--duration", type=float, help=f"seconds per load, default {FULL['duration']}")
+    ap.add_argument("--warmup", type=float, help=f"loadgen warm-up seconds, default {FULL['warmup']}")
+    ap.add_argument("--out", type=Path, help="the results JSON (default bench/results/peers.json)")
+    ap.add_argument("--plot", type=Path, help="the PNG (default docs/img/peers.png; NAME-targets.png beside it)")
+    ap.add_argument("--doc", type=Path, help="the markdown whose peers block is rewritten (docs/benchmarks.md)")
+    ap.add_argument("--no-doc", action="store_true", help="print the block, do not write a doc")
+    ap.add_argument("--render", type=Path, help="re-render the doc block and plots from a saved --out JSON")
+    args = ap.parse_args()
+    if args.quick and args.doc is None and not args.no_doc:
+        ap.error("--quick writes a smoke run's numbers: give --doc PATH (not docs/benchmarks.md) or --no-doc")
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.doc = args.doc or ROOT / "docs" / "benchmarks.md"
+    args.models, args.servers = args.models.split(","), args.servers.split(",")
+    args.rows, args.clients = [int(r) for r in args.rows.split(",")], [int(c) for c in args.clients.split(",")]
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown:
+        ap.error(f"unknown servers {unknown}; known: {', '.join(SERVERS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.render:
+        render(json.loads(args.render.read_text()), args)
+        return
+    loadgen = next((p for p in LOADGEN_CANDIDATES if p.is_file()), None)
+    if loadgen is None:
+        sys.exit("loadgen.py not found beside the repository (../shared/bench/loadgen.py)")
+    result = measure(loadgen, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    render(result, args)
 
 
 if __name__ == "__main__":
