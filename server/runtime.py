@@ -63,6 +63,9 @@ class OnnxModel:
         self.outputs: list[TensorSpec] = onnx_signature(list(self.session.get_outputs()))
         self._string_inputs = {t.name for t in self.inputs if t.datatype == "BYTES"}
         self._run = self.session._sess.run
+        # passed to every run: without one, each call builds a default RunOptions (measured 0.4 us of a
+        # 2.5 us run of a one-node graph); runs only read it, so concurrent runs share it
+        self._run_options = ort.RunOptions()
 
     def predict(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
         feed = inputs
@@ -71,7 +74,7 @@ class OnnxModel:
         try:
             # the session's own run() first re-validates the input names, which ModelVersion has
             # checked already; on small models that check is a tenth of the whole request
-            values = self._run(output_names, feed, None)
+            values = self._run(output_names, feed, self._run_options)
         except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
             # inputs passed our checks yet the graph refused them (a dimension it fixes internally)
             raise InvalidArgument(f"the model refused the inputs: {e}") from e

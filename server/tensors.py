@@ -114,11 +114,15 @@ MAX_ELEMENTS = 2**60 - 1  # times 8 bytes an element: numpy's largest array
 def check_shape(shape: tuple[int, ...], what: str) -> tuple[int, ...]:
     """A client's shape that numpy can hold at all, checked before any array is made from it (an empty
     [0, 2**70] too), on either edge."""
-    if any(d < 0 for d in shape):
+    # per request on every edge: builtins over the tuple, no generator, unless a dimension is 0 or negative
+    if not shape:
+        return shape
+    if min(shape) < 0:
         raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > MAX_ELEMENTS):
         raise InvalidArgument(f"{what}: shape {list(shape)} has more elements than any tensor can hold")
     return shape
 

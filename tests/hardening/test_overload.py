@@ -233,3 +233,33 @@ def test_the_batcher_drops_queued_requests_whose_deadline_passed() -> None:
 
     asyncio.run(main())
     assert calls == [2, 1]  # the expired request never reached a run
+
+
+def test_a_cancelled_request_leaves_the_batcher_queue_without_running() -> None:
+    """A client that cancels (or whose call ends) while its request waits for a batch: its rows are not
+    run and the requests around it still get their own rows back."""
+    calls: list[np.ndarray] = []
+
+    async def run(inputs: dict[str, np.ndarray], outputs: Sequence[str], rows: int) -> tuple[Any, int]:
+        calls.append(inputs["x"][:, 0].copy())
+        await asyncio.sleep(0.2)
+        return {"y": inputs["x"] * 2}, 1
+
+    async def main() -> None:
+        batcher = Batcher(run, max_batch_size=64, max_delay_s=5.0)  # the queue waits for the running batch
+        row = [np.full((1, 3), i, np.float32) for i in range(4)]
+        running = asyncio.ensure_future(batcher.submit({"x": row[0]}, ["y"], 1))
+        await asyncio.sleep(0.05)  # the first batch runs; what comes now queues behind it
+        before = asyncio.ensure_future(batcher.submit({"x": row[1]}, ["y"], 1))
+        cancelled = asyncio.ensure_future(batcher.submit({"x": row[2]}, ["y"], 1))
+        after = asyncio.ensure_future(batcher.submit({"x": row[3]}, ["y"], 1))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        assert (await running).outputs["y"][0, 0] == 0
+        assert (await before).outputs["y"][0, 0] == 2  # its own row, doubled
+        assert (await after).outputs["y"][0, 0] == 6
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+    asyncio.run(main())
+    assert [c.tolist() for c in calls] == [[0.0], [1.0, 3.0]]  # row 2 never reached a run
