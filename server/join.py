@@ -32,10 +32,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -326,18 +326,49 @@ class _Prediction:
     count: int = 1
     shadow: tuple[str, tuple[Any, ...]] | None = None  # (shadow version, its output of the primary's name)
 
-    @classmethod
-    def of(cls, row: Row) -> _Prediction:
-        name = primary_output(row)
-        primary = None if name is None else tuple(row[OUTPUT_PREFIX + name])
+
+_ABSENT = np.iinfo(np.int64).max  # the length of an output a row does not have: never the primary
+
+
+def predictions_of(batch: pa.RecordBatch) -> list[tuple[str, _Prediction]]:
+    """(id, what the live join keeps) for each row of a batch of prediction rows, built column by column
+    with the same primary output as primary_output(row). A dict per row (to_pylist) cost the joiner
+    5x the CPU, every bit of it holding the GIL that the serving loop waits for."""
+    names = batch.schema.names
+    ids: list[str] = batch.column("id").to_pylist()
+    intern = sys.intern
+    models = [intern(m) for m in batch.column("model").to_pylist()]
+    versions = [intern(v) for v in batch.column("version").to_pylist()]
+    micros = batch.column("ts").cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist()
+    outputs = sorted(
+        n[len(OUTPUT_PREFIX) :] for n in names if n.startswith(OUTPUT_PREFIX) and not n.endswith(SHAPE_SUFFIX)
+    )
+    primary: list[str | None] = [None] * len(ids)
+    if outputs:
+        # per row, the output with the fewest elements; ties to the first name (sorted), as primary_output
+        lengths = np.stack(
+            [pc.list_value_length(batch.column(OUTPUT_PREFIX + o)).fill_null(_ABSENT).to_numpy() for o in outputs]
+        )
+        chosen = lengths.argmin(axis=0)
+        present = lengths.min(axis=0) != _ABSENT
+        primary = [outputs[c] if ok else None for c, ok in zip(chosen.tolist(), present.tolist(), strict=True)]
+    values = {o: batch.column(OUTPUT_PREFIX + o).to_pylist() for o in set(primary) if o is not None}
+    shadow_versions = batch.column("shadow_version").to_pylist() if "shadow_version" in names else None
+    shadow_values: dict[str, list[Any] | None] = {}
+    result = []
+    for i, pid in enumerate(ids):
+        name = primary[i]
         shadow = None
-        shadow_version = row.get("shadow_version")
-        if shadow_version is not None and name is not None:
-            values = row.get(SHADOW_OUTPUT_PREFIX + name)
-            if values is not None:
-                shadow = (sys.intern(shadow_version), tuple(values))
-        model, version = sys.intern(row["model"]), sys.intern(row["version"])
-        return cls(model, version, _micros(row["ts"]), primary, shadow=shadow)
+        if name is not None and shadow_versions is not None and shadow_versions[i] is not None:
+            if name not in shadow_values:
+                column = SHADOW_OUTPUT_PREFIX + name
+                shadow_values[name] = batch.column(column).to_pylist() if column in names else None
+            column_values = shadow_values[name]
+            if column_values is not None and column_values[i] is not None:
+                shadow = (intern(shadow_versions[i]), tuple(column_values[i]))
+        kept = None if name is None else tuple(values[name][i])
+        result.append((pid, _Prediction(models[i], versions[i], micros[i], kept, shadow=shadow)))
+    return result
 
 
 class Joiner:
@@ -442,21 +473,24 @@ class Joiner:
                 log.exception("live experiments failed on the join round")
         return snapshot
 
-    def _take(self, kind: str, rows: list[Row], now: float) -> None:
+    def _take(self, kind: str, batch: pa.RecordBatch, now: float) -> None:
         """One chunk of new rows. A chunk at a time, evicting as it goes, so that catching up with a large
         log (the first round) stays within the same bounds as every later round."""
         if kind == PREDICTIONS:
-            for row in rows:
-                self._add_prediction(row)
+            for pid, prediction in predictions_of(batch):
+                self._add_prediction(pid, prediction)
             self._evict(now)
             return
+        rows: list[Row] = batch.to_pylist()
         if self.on_feedback is not None:
             self.on_feedback(rows)
         for row in sorted(rows, key=order_key):
             self._add_feedback(row)
 
     # -- reading what is new --------------------------------------------------------------------------
-    def _read_new(self, logfiles: LogFiles, segment: Segment, cutoff_us: int, skipped: SkipList) -> Iterator[list[Row]]:
+    def _read_new(
+        self, logfiles: LogFiles, segment: Segment, cutoff_us: int, skipped: SkipList
+    ) -> Iterator[pa.RecordBatch]:
         """The rows of a segment past its watermark, in chunks of CHUNK_ROWS."""
         key = segment.key
         if key in self._complete or (not segment.rolled and self._sizes.get(key) == segment.size):
@@ -481,14 +515,11 @@ class Joiner:
         if segment.kind == PREDICTIONS:  # the inputs are not needed for quality
             table = table.select([n for n in table.column_names if not n.startswith(INPUT_PREFIX)])
         for batch in table.slice(done).to_batches(max_chunksize=CHUNK_ROWS):
-            rows: list[Row] = batch.to_pylist()
-            self.rows_read += len(rows)
-            yield rows
+            self.rows_read += batch.num_rows
+            yield batch
 
     # -- the join -------------------------------------------------------------------------------------
-    def _add_prediction(self, row: Row) -> None:
-        pid = row["id"]
-        new = _Prediction.of(row)
+    def _add_prediction(self, pid: str, new: _Prediction) -> None:
         self._newest_us = max(self._newest_us, new.ts_us)
         current = self._predictions.pop(pid, None)
         if current is not None:
@@ -602,13 +633,6 @@ SegmentKey = tuple[str, str | None, str, int]
 _NO_PAIRS = Pairs(0, 0, 0, 0)
 CHUNK_ROWS = 10_000
 SNAPSHOT_IDS = 1000
-
-
-def _micros(ts: datetime) -> int:
-    return (ts - _EPOCH) // timedelta(microseconds=1)
-
-
-_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 class QualityCollector(Collector):

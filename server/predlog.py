@@ -22,9 +22,9 @@ in the same row: one row per prediction id.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import queue
 import random
 import socket
 import threading
@@ -207,7 +207,10 @@ _MAX_RECENT_IDS = 1_000_000
 class PredictionLog:
     def __init__(self, settings: PredLogSettings) -> None:
         self.settings = settings
-        self._queue: queue.Queue[Prediction | _Flush | object] = queue.Queue(maxsize=settings.queue_size)
+        # a deque, not a queue.Queue: append and popleft are atomic under the GIL and take no lock, so the
+        # request path neither contends with the writer nor wakes it per record (docs/benchmarks.md)
+        self._queue: collections.deque[Prediction | _Flush | object] = collections.deque()
+        self._queue_size = settings.queue_size
         self._rates = {name: p.sample_rate for name, p in settings.models.items()}
         self._default_rate = settings.default_policy.sample_rate
         self._count_lock = threading.Lock()  # taken only on the drop / sample-out paths
@@ -246,33 +249,33 @@ class PredictionLog:
             with self._count_lock:
                 self.sampled_out += 1
             return
-        try:
-            self._queue.put_nowait(
-                Prediction(
-                    request_id,
-                    model,
-                    version,
-                    time.time_ns(),
-                    inputs,
-                    outputs,
-                    route,
-                    propensity,
-                    shadow_version,
-                    shadow_outputs,
-                )
-            )
-        except queue.Full:
+        pending = self._queue
+        if len(pending) >= self._queue_size:
             with self._count_lock:
                 self.dropped += 1
             return
-        if self._queue.qsize() >= self._flush_records:
-            self._wake.set()
+        pending.append(
+            Prediction(
+                request_id,
+                model,
+                version,
+                time.time_ns(),
+                inputs,
+                outputs,
+                route,
+                propensity,
+                shadow_version,
+                shadow_outputs,
+            )
+        )
+        if len(pending) >= self._flush_records:
+            self._wake.set()  # a full flush is waiting: the writer's one wake-up for these records
 
     # -- control -------------------------------------------------------------------------------------
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Write everything recorded so far; True once it is durable."""
         request = _Flush()
-        self._queue.put(request, timeout=timeout)
+        self._queue.append(request)  # control items are never dropped: past the bound by one at most
         self._wake.set()
         return request.done.wait(timeout)
 
@@ -280,12 +283,12 @@ class PredictionLog:
         """Write what is queued, roll the open segments to Parquet, stop the writer."""
         if not self._thread.is_alive():
             return
-        self._queue.put(_STOP, timeout=timeout)
+        self._queue.append(_STOP)
         self._wake.set()
         self._thread.join(timeout)
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def healthy(self) -> bool:
@@ -338,19 +341,16 @@ class PredictionLog:
 
     def _run(self) -> None:
         flush_s = self.settings.flush_ms / 1000.0
+        flush_records = self.settings.flush_records
         while True:
-            # Block for the first record of a flush window: one wake-up per window, not one per record
-            # (a writer woken by every put costs the serving threads GIL hand-offs).
-            try:
-                first = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                self._roll_idle()
-                continue
+            # One wake-up per flush window, not one per record: record() sets _wake only once a full
+            # flush is queued (a writer woken by every record costs the serving thread GIL hand-offs);
+            # otherwise what came within flush_s is written when it passes. flush()/close() wake it at once.
+            if len(self._queue) < flush_records:
+                self._wake.wait(flush_s)
+                self._wake.clear()
             pending: list[Prediction] = []
-            control: object | None = first
-            if isinstance(first, Prediction):
-                pending.append(first)
-                control = self._fill(pending, time.monotonic() + flush_s)
+            control = self._drain_into(pending)
             if pending:
                 self._write(pending)
             if isinstance(control, _Flush):
@@ -361,16 +361,6 @@ class PredictionLog:
                 return
             self._roll_idle()
 
-    def _fill(self, pending: list[Prediction], deadline: float) -> object | None:
-        """Collect records until N are pending or the deadline passes; returns a control item met."""
-        while True:
-            control = self._drain_into(pending)
-            remaining = deadline - time.monotonic()
-            if control is not None or len(pending) >= self.settings.flush_records or remaining <= 0:
-                return control
-            self._wake.wait(remaining)  # set by record() at N queued, and by flush()/close()
-            self._wake.clear()
-
     def _roll_idle(self) -> None:
         for writer in self._segments.values():
             try:
@@ -380,10 +370,11 @@ class PredictionLog:
 
     def _drain_into(self, pending: list[Prediction]) -> object | None:
         """Take what is already queued, up to a full flush; returns a control item met on the way."""
-        while len(pending) < self.settings.flush_records:
+        queued, limit = self._queue, self.settings.flush_records
+        while len(pending) < limit:
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+                item = queued.popleft()
+            except IndexError:
                 return None
             if not isinstance(item, Prediction):
                 return item
