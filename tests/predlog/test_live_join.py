@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -122,3 +123,48 @@ def test_a_reused_id_joins_its_latest_prediction(tmp_path: Path, reused_first: b
     _feedback(tmp_path, {"x": "1"})
     snap = Joiner(tmp_path, interval_s=3600, unknown_after_s=3600).run_once()
     assert (snap.predictions, snap.reused, snap.quality[("m", "1")].accuracy) == (2, 1, 1.0)
+
+
+def test_the_columnar_view_of_prediction_rows_matches_the_row_by_row_one() -> None:
+    """predictions_of (the live join's column-at-a-time reading) keeps, for every row, what primary_output
+    picks row by row: missing outputs, equal-length ties (to the first name), shadows with and without
+    their output."""
+    from onnxgate.server.join import predictions_of, primary_output
+    from onnxgate.server.predlog import OUTPUT_PREFIX, SHADOW_OUTPUT_PREFIX
+
+    rng = random.Random(7)
+    epoch = datetime.fromtimestamp(0, UTC)
+    rows = []
+    for i in range(400):
+        shadow = rng.choice([None, "3"])
+        rows.append({
+            "id": f"p{i}",
+            "model": "m",
+            "version": rng.choice(["1", "2"]),
+            "ts": epoch + timedelta(seconds=1.7e9 + i, microseconds=rng.randrange(10**6)),
+            OUTPUT_PREFIX + "label": None if rng.random() < 0.2 else [rng.randrange(3)],
+            OUTPUT_PREFIX + "probabilities": None if rng.random() < 0.1 else [rng.random()] * rng.choice([1, 3]),
+            "shadow_version": shadow,
+            SHADOW_OUTPUT_PREFIX + "label": None if shadow is None or rng.random() < 0.2 else [rng.randrange(3)],
+        })  # fmt: skip
+    schema = pa.schema([
+        ("id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("ts", pa.timestamp("us", tz="UTC")),
+        (OUTPUT_PREFIX + "label", pa.large_list(pa.int64())),
+        (OUTPUT_PREFIX + "probabilities", pa.large_list(pa.float64())),
+        ("shadow_version", pa.string()), (SHADOW_OUTPUT_PREFIX + "label", pa.large_list(pa.int64())),
+    ])  # fmt: skip
+    batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+    kinds = set()
+    for (pid, kept), row in zip(predictions_of(batch), batch.to_pylist(), strict=True):
+        name = primary_output(row)
+        primary = None if name is None else tuple(row[OUTPUT_PREFIX + name])
+        shadow_values = None if name is None else row.get(SHADOW_OUTPUT_PREFIX + name)
+        shadow = None
+        if row["shadow_version"] is not None and shadow_values is not None:
+            shadow = (row["shadow_version"], tuple(shadow_values))
+        micros = (row["ts"] - epoch) // timedelta(microseconds=1)
+        assert (pid, kept.model, kept.version, kept.ts_us, kept.primary, kept.shadow) == (
+            row["id"], row["model"], row["version"], micros, primary, shadow,
+        )  # fmt: skip
+        kinds.add((name, shadow is not None))
+    assert kinds == {(None, False), ("label", False), ("label", True), ("probabilities", False)}
