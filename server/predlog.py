@@ -208,7 +208,7 @@ class PredictionLog:
     def __init__(self, settings: PredLogSettings) -> None:
         self.settings = settings
         # a deque, not a queue.Queue: append and popleft are atomic under the GIL and take no lock, so the
-        # request path neither contends with the writer nor wakes it per record (docs/benchmarks.md)
+        # request path neither contends with the writer nor wakes it per record (docs/profile.md)
         self._queue: collections.deque[Prediction | _Flush | object] = collections.deque()
         self._queue_size = settings.queue_size
         self._rates = {name: p.sample_rate for name, p in settings.models.items()}
@@ -346,7 +346,9 @@ class PredictionLog:
             # One wake-up per flush window, not one per record: record() sets _wake only once a full
             # flush is queued (a writer woken by every record costs the serving thread GIL hand-offs);
             # otherwise what came within flush_s is written when it passes. flush()/close() wake it at once.
-            if len(self._queue) < flush_records:
+            queued = self._queue
+            # a flush()/close() still queued (behind more than one flush of records) is not kept waiting
+            if len(queued) < flush_records and not (queued and not isinstance(queued[-1], Prediction)):
                 self._wake.wait(flush_s)
                 self._wake.clear()
             pending: list[Prediction] = []
