@@ -14,6 +14,14 @@ when the config sets `dynamic_batching { preferred_batch_size: [...] }`, else `m
 already a full batch: it runs at once, without the queue and without a concatenation copy, as its own
 run. With preferred batch sizes, what waits is cut into batches of the largest preferred size that the
 rows still waiting reach (greedily, never splitting a request); without them, of up to `max_batch_size`.
+
+A latency objective (`p99_objective_s`, the config's `latency_objective_p99_ms` parameter) makes the
+batch limit adaptive, additive increase and multiplicative decrease as Clipper does: after each batch,
+if its oldest request waited and ran longer than the objective, the limit shrinks to 90% (at least one
+row less); if the batch filled the limit and stayed under the objective, the limit grows by
+`max_batch_size / 32` rows (at least one). So the batches stay as large as the objective allows:
+throughput from batching where the model has room, latency kept where it has not. The limit starts at
+one row and never passes `max_batch_size`; requests at or above `bypass_rows` still run alone.
 """
 
 from __future__ import annotations
@@ -57,10 +65,19 @@ class _Item:
 
 class Batcher:
     def __init__(
-        self, run_batch: RunBatch, max_batch_size: int, max_delay_s: float, preferred: Sequence[int] = ()
+        self,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        max_delay_s: float,
+        preferred: Sequence[int] = (),
+        p99_objective_s: float | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
+        # rows a batch may hold now: max_batch_size, or adapted to the latency objective (AIMD)
+        self.objective_s = p99_objective_s
+        self.limit = max_batch_size if p99_objective_s is None else 1
+        self._step = max(1, max_batch_size // 32)
         self.max_delay_s = max_delay_s
         self.preferred = tuple(sorted(set(preferred), reverse=True))  # largest first
         if any(p < 1 or p > max_batch_size for p in self.preferred):
@@ -81,7 +98,7 @@ class Batcher:
         item = _Item(inputs, tuple(outputs), rows, time.monotonic_ns(), loop.create_future(), deadline)
         self._pending.append(item)
         self._pending_rows += rows
-        if self._pending_rows >= self.bypass_rows:
+        if self._pending_rows >= min(self.bypass_rows, self.limit):
             self._flush()
         elif self._running == 0:
             if not self._flush_soon:
@@ -122,12 +139,13 @@ class Batcher:
 
     def _chunks(self, items: list[_Item]) -> list[list[_Item]]:
         """Cut one group (in arrival order) into batches: each of at most the largest preferred size the
-        rows still waiting reach (max_batch_size when none set, or when fewer rows wait than the smallest)."""
+        rows still waiting reach (the limit when none is set, or when fewer rows wait than the smallest)."""
         chunks: list[list[_Item]] = []
         remaining = sum(i.rows for i in items)
         i, n = 0, len(items)
+        limit = self.limit
         while i < n:
-            cap = next((p for p in self.preferred if p <= remaining), self.max_batch_size)
+            cap = next((p for p in self.preferred if p <= remaining and p <= limit), limit)
             chunk = [items[i]]
             rows = items[i].rows
             i += 1
@@ -175,9 +193,19 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        if self.objective_s is not None:
+            self._adapt(time.monotonic_ns() - min(i.enqueued_ns for i in items), rows)
         offset = 0
         for item in items:
             part = {name: array[offset : offset + item.rows] for name, array in outputs.items()}
             offset += item.rows
             if not item.future.done():
                 item.future.set_result(Result(part, start - item.enqueued_ns, infer_ns, rows))
+
+    def _adapt(self, oldest_ns: int, rows: int) -> None:
+        """AIMD on the batch limit from one batch: its oldest request's time from arrival to outputs."""
+        assert self.objective_s is not None
+        if oldest_ns > self.objective_s * 1e9:
+            self.limit = max(1, min(self.limit - 1, int(self.limit * 0.9)))
+        elif rows >= self.limit:  # the limit bound this batch, and it met the objective: try more
+            self.limit = min(self.max_batch_size, self.limit + self._step)

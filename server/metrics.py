@@ -95,6 +95,8 @@ class GatewayCollector(Collector):
         entries = GaugeMetricFamily(
             "onnxgate_response_cache_entries", "Answers the response cache holds", labels=labels
         )
+        # the dynamic batcher's row limit now: max_batch_size, or where a latency objective put it (AIMD)
+        limits = GaugeMetricFamily("onnxgate_batch_limit_rows", "Rows a dynamic batch may hold now", labels=labels)
         for served in self.repository.all_served():
             for number, version in served.versions.items():
                 key = [served.name, str(number)]
@@ -111,6 +113,8 @@ class GatewayCollector(Collector):
                 queued.add_metric(key, _buckets(s.queue_duration, DURATION_LE), s.queue_duration.total * NS)
                 computed.add_metric(key, _buckets(s.compute_duration, DURATION_LE), s.compute_duration.total * NS)
                 sizes.add_metric(key, _buckets(s.batch_size, BATCH_LE), s.batch_size.total)
+                if version.batcher is not None:
+                    limits.add_metric(key, version.batcher.limit)
                 cache = version.cache
                 if cache is not None:
                     hits.add_metric(key, cache.hits)
@@ -118,7 +122,7 @@ class GatewayCollector(Collector):
                     held.add_metric(key, cache.bytes)
                     entries.add_metric(key, len(cache))
         yield from (requests, rows, runs, seconds, queue, compute, ready, durations, queued, computed, sizes)
-        yield from (hits, misses, held, entries)
+        yield from (hits, misses, held, entries, limits)
         answers = CounterMetricFamily(
             "onnxgate_requests",
             "Answers by protocol, RPC (for HTTP: the RPC its path stands for) and gRPC status code",

@@ -27,7 +27,7 @@ from onnxgate.server.batcher import Batcher
 from onnxgate.server.cache import ResponseCache, cache_key
 from onnxgate.server.errors import InvalidArgument, ResourceExhausted
 from onnxgate.server.modelspec import ConfigError, ModelSpec, TensorSpec
-from onnxgate.server.overload import QUEUED, ROWS, Limits, expired, version_limits
+from onnxgate.server.overload import QUEUED, ROWS, Limits, expired, latency_objective_s, version_limits
 from onnxgate.server.runtime import OnnxModel
 from onnxgate.server.stats import VersionStats
 from onnxgate.server.tensors import BY_NUMPY, DATATYPES, InferRequest, classify
@@ -63,6 +63,7 @@ class ModelVersion:
         self._output_names = [o.name for o in self.spec.outputs]
         self.version_str = str(self.version)
         delay = self.spec.dynamic_batching_delay_s
+        objective = latency_objective_s(self.spec)  # checked for every model: ConfigError fails the load
         if delay is not None:
             max_batch = self.spec.max_batch_size
             preferred = list(self.spec.config.dynamic_batching.preferred_batch_size)
@@ -71,7 +72,7 @@ class ModelVersion:
                     f"model {self.name!r}: dynamic_batching preferred_batch_size {preferred} must be within"
                     f" 1..max_batch_size ({max_batch})"
                 )
-            self.batcher = Batcher(self._run, max_batch, delay, preferred)
+            self.batcher = Batcher(self._run, max_batch, delay, preferred, objective)
         # None unless the config enables it and the settings give it room: the hot path checks only this
         self.cache: ResponseCache | None = None
         if self.spec.config.response_cache.enable and self.limits.response_cache_bytes > 0:

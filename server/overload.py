@@ -19,10 +19,16 @@ A deadline is a `time.monotonic()` instant (gRPC: the client's deadline; HTTP: t
 parameter, microseconds as Triton's). Work whose deadline passed when it would start running (before
 the model run, on the executor's thread, or when it leaves the batcher's queue) is not run: DEADLINE_EXCEEDED
 (HTTP 504).
+
+A model with dynamic batching may declare a latency objective; its batch limit then adapts to it
+(server/batcher.py, additive increase, multiplicative decrease):
+
+    parameters { key: "latency_objective_p99_ms" value { string_value: "20" } }
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -57,6 +63,30 @@ def version_limits(spec: ModelSpec, defaults: Limits) -> tuple[int, int]:
             value = int(text)
         values.append(value or UNLIMITED)
     return values[0], values[1]
+
+
+OBJECTIVE = "latency_objective_p99_ms"
+
+
+def latency_objective_s(spec: ModelSpec) -> float | None:
+    """The config's latency objective for dynamic batching, in seconds (server/batcher.py adapts the batch
+    limit to it); None when not set; ConfigError for a bad value or a model without dynamic batching."""
+    params = spec.config.parameters
+    if OBJECTIVE not in params:
+        return None
+    text = params[OBJECTIVE].string_value.strip()
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise ConfigError(f"model {spec.name!r}: parameter {OBJECTIVE} = {text!r} is not a positive number of ms")
+    if spec.dynamic_batching_delay_s is None:
+        raise ConfigError(
+            f"model {spec.name!r}: parameter {OBJECTIVE} adapts dynamic batching; add dynamic_batching {{ }} to"
+            " its config.pbtxt or remove the parameter"
+        )
+    return ms / 1000.0
 
 
 def expired(deadline: float | None, what: str) -> None:

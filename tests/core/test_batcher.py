@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -229,3 +231,82 @@ def test_a_preferred_size_beyond_max_batch_size_fails_the_load(start_gateway, tm
     assert (
         entry.state == "UNAVAILABLE" and "preferred_batch_size" in entry.reason and "1..max_batch_size" in entry.reason
     )
+
+
+def test_a_latency_objective_grows_the_batch_limit_and_shrinks_it_past_the_objective() -> None:
+    """AIMD: from one row, the limit grows while full batches meet the objective and falls once they miss
+    it; with a run of 1 ms a row and a 30 ms objective it settles well below max_batch_size."""
+    limits: list[int] = []
+    batcher: Batcher
+
+    async def run(
+        inputs: dict[str, np.ndarray], outputs: Sequence[str], rows: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        limits.append(batcher.limit)
+        await asyncio.sleep(rows * 0.001)
+        return {"y": inputs["x"]}, 1
+
+    async def main() -> None:
+        nonlocal batcher
+        batcher = Batcher(run, max_batch_size=64, max_delay_s=0.002, p99_objective_s=0.030)
+        assert batcher.limit == 1
+
+        async def client(i: int, end: float) -> None:
+            x = np.full((1, 2), i, np.float32)
+            while asyncio.get_running_loop().time() < end:
+                result = await batcher.submit({"x": x}, ["y"], 1)
+                assert result.outputs["y"][0, 0] == i  # its own row back, whatever the batch
+
+        end = asyncio.get_running_loop().time() + 1.5
+        await asyncio.gather(*(client(i, end) for i in range(64)))
+
+    asyncio.run(main())
+    peak = max(limits)
+    assert peak > 4  # it grew from one row
+    assert any(later < earlier for earlier, later in itertools.pairwise(limits))  # and came down
+    # 64 rows take 64 ms to run alone: past the objective, the limit never stays near max_batch_size
+    assert limits[-1] < 48
+
+
+def test_the_batch_limit_steps() -> None:
+    async def run(
+        inputs: dict[str, np.ndarray], outputs: Sequence[str], rows: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        return inputs, 1
+
+    batcher = Batcher(run, max_batch_size=64, max_delay_s=0.0, p99_objective_s=0.010)
+    batcher.limit = 10
+    batcher._adapt(20_000_000, 10)  # 20 ms > 10 ms: down 10%, at least one row
+    assert batcher.limit == 9
+    batcher._adapt(5_000_000, 9)  # a full batch under the objective: up max_batch_size / 32
+    assert batcher.limit == 11
+    batcher._adapt(5_000_000, 3)  # a batch the limit did not bind says nothing about more rows
+    assert batcher.limit == 11
+    batcher.limit = 1
+    batcher._adapt(50_000_000, 1)
+    assert batcher.limit == 1  # never below one row
+    batcher.limit = 63
+    batcher._adapt(1_000_000, 63)
+    assert batcher.limit == 64  # never past max_batch_size
+    assert Batcher(run, max_batch_size=64, max_delay_s=0.0).limit == 64  # no objective: the fixed maximum
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ("max_batch_size: 8\ndynamic_batching { }\nparameters { key: \"latency_objective_p99_ms\" value { string_value: \"-3\" } }\n", "not a positive number"),
+        ("max_batch_size: 8\nparameters { key: \"latency_objective_p99_ms\" value { string_value: \"20\" } }\n", "add dynamic_batching"),
+    ],
+)  # fmt: skip
+def test_a_bad_latency_objective_fails_the_load(start_gateway, tmp_path: Path, config: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    write_version(tmp_path, "bad", 1, add_mul(2.0), config)
+    good = 'max_batch_size: 8\ndynamic_batching { }\nparameters { key: "latency_objective_p99_ms" value { string_value: "25" } }\n'
+    write_version(tmp_path, "good", 1, add_mul(2.0), good)
+    handle: GatewayHandle = start_gateway(tmp_path)
+    client = tc.InferenceServerClient(handle.address)
+    states = {m.name: m for m in client.get_model_repository_index().models}
+    assert states["bad"].state == "UNAVAILABLE" and reason in states["bad"].reason
+    assert "latency_objective_p99_ms" in states["bad"].reason
+    assert states["good"].state == "READY"
+    metrics = urllib.request.urlopen(handle.metrics_url, timeout=10).read().decode()
+    assert 'onnxgate_batch_limit_rows{model="good",version="1"} 1.0' in metrics
