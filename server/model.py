@@ -88,14 +88,12 @@ class ModelVersion:
         # Reading it is a system call (CLOCK_THREAD_CPUTIME_ID has no vDSO path): under load two reads
         # cost more than a small forest's run (docs/profile.md), so one run in SAMPLE_EVERY is measured.
         self._runs += 1
-        if self._runs % SAMPLE_EVERY:
-            t0 = time.monotonic_ns()
-            outputs = self.runtime.predict(inputs, output_names)
-            infer_ns = time.monotonic_ns() - t0
-        else:
-            c0, t0 = time.thread_time_ns(), time.monotonic_ns()
-            outputs = self.runtime.predict(inputs, output_names)
-            infer_ns = time.monotonic_ns() - t0
+        sampled = self._runs % SAMPLE_EVERY == 0
+        c0 = time.thread_time_ns() if sampled else 0
+        t0 = time.monotonic_ns()
+        outputs = self.runtime.predict(inputs, output_names)
+        infer_ns = time.monotonic_ns() - t0
+        if sampled:
             per_row = (time.thread_time_ns() - c0) / max(rows, 1)
             self.ns_per_row = per_row if self.ns_per_row is None else 0.9 * self.ns_per_row + 0.1 * per_row
         self.stats.record_execution(rows, 0, infer_ns, 0)

@@ -348,7 +348,8 @@ class PredictionLog:
             # otherwise what came within flush_s is written when it passes. flush()/close() wake it at once.
             queued = self._queue
             # a flush()/close() still queued (behind more than one flush of records) is not kept waiting
-            if len(queued) < flush_records and not (queued and not isinstance(queued[-1], Prediction)):
+            control_queued = bool(queued) and not isinstance(queued[-1], Prediction)
+            if len(queued) < flush_records and not control_queued:
                 self._wake.wait(flush_s)
                 self._wake.clear()
             pending: list[Prediction] = []

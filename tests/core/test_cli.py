@@ -53,12 +53,23 @@ def test_settings_precedence_file_env_flags(tmp_path: Path) -> None:
             "environment variable ONNXGATE_EXAMPLE: setting example = 'maybe' is not a valid bool",
         ),
         ({"poll_interval_s": "0"}, {}, "poll_interval_s = 0.0 is invalid"),
+        ({"event_loop": "trio"}, {}, "event_loop = 'trio' is invalid: expected one of auto, uvloop, asyncio"),
     ],
 )
 def test_bad_settings_get_clear_errors(flags: dict[str, object], env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError) as err:
         load_settings(env=env, flags={"model_repository": "/m", **flags})
     assert message in str(err.value)
+
+
+def test_the_event_loop_setting_picks_the_loop() -> None:
+    import uvloop
+
+    from onnxgate.server.cli import _loop_factory
+
+    assert _loop_factory("asyncio") is None  # asyncio.Runner's default loop
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("auto") is uvloop.new_event_loop  # installed with the package
 
 
 def test_unknown_key_in_config_file(tmp_path: Path) -> None:
