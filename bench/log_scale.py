@@ -3,7 +3,7 @@ engine (DuckDB, Spark local[2], the pure-pyarrow path), each in its own process:
 memory (RSS of the process tree, sampled); then the live joiner's interval on it (`--join-only` for that
 alone, `--join-sizes` for several log sizes): its first round (catching up), and rounds each after
 `--new-predictions` new rows appended as new segments: wall time and peak RSS of each round, in its own
-process. Results go to docs/benchmarks.md.
+process. Results go to docs/explanation/benchmarks.md.
 
     .venv/bin/python bench/log_scale.py --predictions 10000000 --feedback 1000000 [--engines duckdb,spark,arrow]
     .venv/bin/python bench/log_scale.py --predictions 200000 --feedback 20000      # a smoke run
@@ -230,7 +230,7 @@ def _same(work: Path, engine: str) -> str:
 
 def export_command(engine: str, root: Path, out: Path, memory_limit: str) -> list[str]:
     return [
-        sys.executable, "-m", "onnxgate", "dataset", "export", "--log-dir", str(root), "--model", MODEL,
+        sys.executable, "-m", "onnxgate", "dataset", "export", "--predlog-dir", str(root), "--model", MODEL,
         "--out", str(out), "--engine", engine, "--memory-limit", memory_limit,
     ]  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Side by side: onnxgate, MLServer, Triton, both do-nothing grpcio floors and in-process onnxruntime.
 
 Issue 8 item 5: the one benchmark command that measures the side-by-side grid in one interleaved run and
-regenerates the generated block of docs/benchmarks.md (between the peers:begin / peers:end markers) and
+regenerates the generated block of docs/explanation/benchmarks.md (between the peers:begin / peers:end markers) and
 the plots docs/img/peers.png and docs/img/peers-targets.png. Trains three sklearn models with a fixed seed
 on 20 FP32 features (LogisticRegression, RandomForest with 100 trees, MLPClassifier) and serves the same
 models from every server:
@@ -25,7 +25,7 @@ process tree) is read after all models are loaded and before any load; after the
 server is started once per model with only that model loaded (RSS after ready, no load).
 
     bash bench/setup_peers.sh                       # once: .venv-mlserver, .venv-pytriton
-    python bench/peers.py                           # the full grid; rewrites docs/benchmarks.md's block
+    python bench/peers.py                           # the full grid; rewrites docs/explanation/benchmarks.md's block
     python bench/peers.py --quick --doc /tmp/x.md   # smoke run
     python bench/peers.py --render bench/results/peers.json   # re-render doc, tables, plots from saved JSON
 """
@@ -717,17 +717,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, help=f"loadgen warm-up seconds, default {FULL['warmup']}")
     ap.add_argument("--out", type=Path, help="the results JSON (default bench/results/peers.json)")
     ap.add_argument("--plot", type=Path, help="the PNG (default docs/img/peers.png; NAME-targets.png beside it)")
-    ap.add_argument("--doc", type=Path, help="the markdown whose peers block is rewritten (docs/benchmarks.md)")
+    ap.add_argument("--doc", type=Path, help="the markdown whose peers block is rewritten (docs/explanation/benchmarks.md)")
     ap.add_argument("--no-doc", action="store_true", help="print the block, do not write a doc")
     ap.add_argument("--render", type=Path, help="re-render the doc block and plots from a saved --out JSON")
     args = ap.parse_args()
     if args.quick and args.doc is None and not args.no_doc:
-        ap.error("--quick writes a smoke run's numbers: give --doc PATH (not docs/benchmarks.md) or --no-doc")
+        ap.error("--quick writes a smoke run's numbers: give --doc PATH (not docs/explanation/benchmarks.md) or --no-doc")
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.doc = args.doc or ROOT / "docs" / "benchmarks.md"
+    args.doc = args.doc or ROOT / "docs" / "explanation" / "benchmarks.md"
     args.models, args.servers = args.models.split(","), args.servers.split(",")
     args.rows, args.clients = [int(r) for r in args.rows.split(",")], [int(c) for c in args.clients.split(",")]
     unknown = [s for s in args.servers if s not in SERVERS]

@@ -9,7 +9,7 @@ A listing is one recursive scan of the log (a paginated LIST on an object store)
 still being appended to, or left by a crash). Of a sequence number present both ways (a crash between
 the roll's rename and the unlink), the Parquet file is the one listed.
 
-The layout (docs/prediction-log.md):
+The layout (docs/guides/prediction-log.md):
     <root>/<replica>/<model>/predictions-<seq>.arrows|parquet
     <root>/<replica>/feedback-<seq>.arrows|parquet
 Anything else under the root (locks, temporary files, state) is not a segment and is ignored.

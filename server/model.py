@@ -86,7 +86,7 @@ class ModelVersion:
         # the estimate uses this thread's CPU time, not wall time: a run that waited for the GIL or
         # the scheduler would otherwise look slow, send later runs to threads, where they wait more.
         # Reading it is a system call (CLOCK_THREAD_CPUTIME_ID has no vDSO path): under load two reads
-        # cost more than a small forest's run (docs/profile.md), so one run in SAMPLE_EVERY is measured.
+        # cost more than a small forest's run (docs/explanation/profile.md), so one run in SAMPLE_EVERY is measured.
         self._runs += 1
         sampled = self._runs % SAMPLE_EVERY == 0
         c0 = time.thread_time_ns() if sampled else 0

@@ -208,7 +208,7 @@ class PredictionLog:
     def __init__(self, settings: PredLogSettings) -> None:
         self.settings = settings
         # a deque, not a queue.Queue: append and popleft are atomic under the GIL and take no lock, so the
-        # request path neither contends with the writer nor wakes it per record (docs/profile.md)
+        # request path neither contends with the writer nor wakes it per record (docs/explanation/profile.md)
         self._queue: collections.deque[Prediction | _Flush | object] = collections.deque()
         self._queue_size = settings.queue_size
         self._rates = {name: p.sample_rate for name, p in settings.models.items()}

@@ -1,7 +1,7 @@
 """The HTTP/REST edge: the Open Inference Protocol's REST binding and Triton's HTTP extensions, on
 uvicorn (httptools) running a bare ASGI app on the gateway's own event loop, beside grpc.aio.
 
-Chosen by measurement (bench/http_server_choice.py, docs/benchmarks.md): uvicorn with httptools and no
+Chosen by measurement (bench/http_server_choice.py, docs/explanation/benchmarks.md): uvicorn with httptools and no
 framework answered 1.2-1.4x the requests/s of aiohttp on the same loop, with the same client.
 
 The same request path as gRPC (inference.py, protocol.py) answers every call, so an answer, its

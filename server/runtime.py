@@ -19,7 +19,7 @@ from onnxgate.server.modelspec import ConfigError, TensorSpec, onnx_signature
 
 log = logging.getLogger(__name__)
 
-# config.pbtxt parameters overriding the session settings per model (docs/benchmarks.md "onnxruntime settings")
+# config.pbtxt parameters overriding the session settings per model (docs/explanation/benchmarks.md "onnxruntime settings")
 INTRA_OP, OPT_LEVEL = "ort_intra_op_threads", "ort_graph_optimization_level"
 LEVELS = {
     "DISABLE": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,7 +51,7 @@ class OnnxModel:
     def __init__(self, path: Path, intra_op_threads: int, optimization_level: str = "ALL") -> None:
         options = ort.SessionOptions()
         # concurrency comes from the executor's threads; one op thread each avoids oversubscribing cores
-        # (measured: bench/ort_settings.py, docs/benchmarks.md "onnxruntime settings")
+        # (measured: bench/ort_settings.py, docs/explanation/benchmarks.md "onnxruntime settings")
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

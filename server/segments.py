@@ -163,7 +163,7 @@ def make_dirs(directory: Path) -> None:
         fsync_dir(d.parent)
 
 
-# The version of the table contract (docs/log-table.md) a rolled segment follows, in its Parquet key-value
+# The version of the table contract (docs/reference/log-table.md) a rolled segment follows, in its Parquet key-value
 # metadata: 1 = the columns of today's prediction and feedback rows. Additive changes keep it.
 LOG_SCHEMA_VERSION_KEY = b"onnxgate.log_schema_version"
 LOG_SCHEMA_VERSION = b"1"

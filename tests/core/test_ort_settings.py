@@ -1,4 +1,4 @@
-"""Per-model onnxruntime settings from config.pbtxt parameters (docs/benchmarks.md "onnxruntime settings")."""
+"""Per-model onnxruntime settings from config.pbtxt parameters (docs/explanation/benchmarks.md "onnxruntime settings")."""
 
 from __future__ import annotations
 

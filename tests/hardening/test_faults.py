@@ -1,7 +1,7 @@
 """Faults injected into a real gateway's model repository (#10 item 3): a served version's model file
 corrupted or truncated on disk, a model directory deleted while serving, and a SIGKILL in the middle
 of an upload. (The prediction log's faults, a full disk and SIGKILL during feedback, are in
-tests/predlog/test_e2e_faults.py and tests/predlog/test_e2e.py; docs/reliability.md lists them.)"""
+tests/predlog/test_e2e_faults.py and tests/predlog/test_e2e.py; docs/explanation/reliability.md lists them.)"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ the repository but not loaded) with a message; never INTERNAL or UNKNOWN, never 
 valid request still gets the right answer. A spawned gateway's resident memory stays flat under requests
 that declare huge shapes and send a few bytes.
 
-Cases are derandomized (the same ones every run; `@example`s pin what once failed). docs/reliability.md
+Cases are derandomized (the same ones every run; `@example`s pin what once failed). docs/explanation/reliability.md
 lists what is generated and what was found. Run: .venv/bin/pytest -q tests/hardening
 """
 

@@ -1,4 +1,4 @@
-"""The table contract (docs/log-table.md): the columns and types the files really have, the schema
+"""The table contract (docs/reference/log-table.md): the columns and types the files really have, the schema
 version in rolled segments, and the DuckDB and pandas examples users copy, run as written against a
 log written by the real PredictionLog and FeedbackStore."""
 
@@ -17,7 +17,7 @@ from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.predlog import PredictionLog
 from tests.predlog.helpers import record_iris, settings
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "log-table.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "reference" / "log-table.md"
 UTC_US = pa.timestamp("us", tz="UTC")
 
 
