@@ -37,7 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="what wrote the source (default: from its suffix or contents)",
     )
     parser.add_argument("--model-repository", required=True, type=Path, help="the gateway's model repository")
-    parser.add_argument("--name", required=True, help="model name: the version goes to REPOSITORY/NAME/N")
+    parser.add_argument("--model", required=True, help="model name: the version goes to REPOSITORY/MODEL/N")
     parser.add_argument("--sample", type=Path, help="rows for the parity check: .csv, .parquet, .npy or .npz")
     parser.add_argument("--rows", type=int, default=sample.DEFAULT_ROWS, help="generated rows when no --sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = converters.convert_to_repository(
             args.source,
             args.model_repository,
-            args.name,
+            args.model,
             args.framework,
             sample_path=args.sample,
             rows=args.rows,

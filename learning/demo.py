@@ -90,7 +90,7 @@ def run_demo(
     oracle = LogisticRegression().fit(new_world[FEATURES], new_world["y"])
     repo = work / "repository"
     code = onnxgate(
-        ["convert", str(work / "model.joblib"), "--model-repository", str(repo), "--name", "drifty",
+        ["convert", str(work / "model.joblib"), "--model-repository", str(repo), "--model", "drifty",
          "--recipe", "sklearn", "--training-data", str(work / "base.csv"), "--target", "y"]
     )  # fmt: skip
     if code != 0:

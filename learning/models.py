@@ -1,4 +1,4 @@
-"""`onnxgate models show NAME`: a model's versions and lineage, which of them are served, the learning
+"""`onnxgate models show --model NAME`: a model's versions and lineage, which of them are served, the learning
 loop's decisions and state, and (with --predlog-dir) the drift of live inputs against its training data.
 """
 
@@ -108,7 +108,9 @@ def _g(value: object) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True)
     show = sub.add_parser("show", help="versions, lineage, decisions and drift of one model")
-    show.add_argument("name")
+    # the model's name was the first positional argument: still taken, hidden, with a deprecation line
+    show.add_argument("positional_model", nargs="?", help=argparse.SUPPRESS)
+    show.add_argument("--model", help="the model (required)")
     show.add_argument("--model-repository", type=Path, required=True)
     show.add_argument("--predlog-dir", help="the prediction log, for the drift of live inputs")
     show.add_argument("--json", action="store_true")
@@ -116,7 +118,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        info = describe(args.model_repository, args.name, args.predlog_dir)
+        info = describe(args.model_repository, args.model, args.predlog_dir)
     except (ValueError, ConfigError, OSError) as e:
         print(f"onnxgate models: {e}", file=sys.stderr)
         return 2

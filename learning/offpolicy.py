@@ -1,4 +1,4 @@
-"""`onnxgate evaluate NAME --candidate V`: what version V would have scored on the logged traffic, from the
+"""`onnxgate evaluate --model NAME --candidate V`: what version V would have scored on the logged traffic, from the
 prediction log alone, side by side with what the served versions scored.
 
     report = evaluate(LogFiles.at("/var/lib/onnxgate/predlog"), "iris", "3", repository=Path("models"))
@@ -497,7 +497,9 @@ def text(report: Report) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="the model")
+    # the model's name was the first positional argument: still taken, hidden, with a deprecation line
+    parser.add_argument("positional_model", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help="the model (required)")
     parser.add_argument("--candidate", required=True, help="the version to evaluate on the logged traffic")
     parser.add_argument("--predlog-dir", required=True, help="the prediction log (a directory or s3://, gs://, ...)")
     parser.add_argument(
@@ -513,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = evaluate(
             LogFiles.at(args.predlog_dir),
-            args.name,
+            args.model,
             args.candidate,
             repository=args.model_repository,
             n_resamples=args.resamples,

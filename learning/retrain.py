@@ -1,4 +1,4 @@
-"""`onnxgate retrain NAME`: one retrain of a served model from its own traffic, and one decision.
+"""`onnxgate retrain --model NAME`: one retrain of a served model from its own traffic, and one decision.
 
     labelled rows (the log's join) -> time split: train | validation | test (the newest)
       -> a challenger per candidate window (base + feedback, feedback only, recency-weighted), trained by
@@ -214,7 +214,9 @@ def _paired(record: TrainingRecord, champion_dir: Path, challenger: bytes, test:
 
 # -- the command ------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="the model to retrain")
+    # the model's name was the first positional argument: still taken, hidden, with a deprecation line
+    parser.add_argument("positional_model", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help="the model to retrain (required)")
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--predlog-dir", required=True, help="the prediction log: a directory or an object-store URI")
     add_rule_arguments(parser)
@@ -240,9 +242,9 @@ def rule_from(args: argparse.Namespace) -> Rule:
 
 
 def run(args: argparse.Namespace) -> int:
-    decision = retrain(args.model_repository, args.name, args.predlog_dir, rule_from(args))
+    decision = retrain(args.model_repository, args.model, args.predlog_dir, rule_from(args))
     if decision.outcome == PROMOTED and args.gateway:
-        tell_gateway(args.gateway, args.name)
+        tell_gateway(args.gateway, args.model)
     if args.json:
         print(json.dumps(decision.to_json(), default=str))
     else:

@@ -8,9 +8,7 @@ await gateway.stop()           # NOT_SERVING, refuse new work, let in-flight req
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from onnxgate.server.adopt import Adopter, AdoptionCollector
 from onnxgate.server.auth import Auth, AuthCollector, AuthInterceptor, TlsError, TokenFileError, check_tls
-from onnxgate.server.config import Settings, env_name
+from onnxgate.server.config import Settings
 from onnxgate.server.drain import drain
 from onnxgate.server.experiments import Experiments, RoutingCollector
 from onnxgate.server.feedback import FeedbackServicer, FeedbackStore
@@ -39,6 +37,7 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from onnxgate.server.pb import grpc_service_pb2_grpc as pb_grpc
 from onnxgate.server.pb.pool import POOL
 from onnxgate.server.predlog import PredictionLog, PredLogCollector
+from onnxgate.server.preflight import choose, port_error, probe_port
 from onnxgate.server.replica_lock import ReplicaInUse, ReplicaLock
 from onnxgate.server.repository import Repository
 from onnxgate.server.rest import RestApp, RestServer
@@ -149,6 +148,7 @@ class Gateway:
         self._metrics_server: WSGIServer | None = None
         self._poller: asyncio.Task[None] | None = None
         self._log_watcher: asyncio.Task[None] | None = None
+        self._serving = False  # the gRPC server started: only then is there anything to drain
 
     @property
     def address(self) -> str:
@@ -159,7 +159,10 @@ class Gateway:
         s = self.settings
         # probe before gRPC binds: a failed bind in gRPC's core only logs a native error line and raises a
         # RuntimeError that does not say why; the probe knows the errno (in use, privileged port, ...)
-        _probe_port("grpc_port", s.host, s.grpc_port)
+        # (`onnxgate serve` checked every port before; this one is for a port taken since)
+        problem = probe_port("grpc_port", s.host, s.grpc_port)
+        if problem is not None:
+            raise StartupError(problem)
         # metrics and HTTP bind before gRPC so that a taken port fails with nothing started yet
         if s.metrics_port >= 0:
             try:
@@ -167,7 +170,7 @@ class Gateway:
                     self.registry, s.metrics_host or s.host, s.metrics_port, self.metrics_tls
                 )
             except OSError as e:
-                raise _port_error("metrics_port", s.metrics_host or s.host, s.metrics_port, e) from None
+                raise StartupError(port_error("metrics_port", s.metrics_host or s.host, s.metrics_port, e)) from None
         if s.http_port >= 0:
             app = RestApp(
                 self.repository,
@@ -184,7 +187,7 @@ class Gateway:
                 await self.rest.start(s.host, s.http_port)
             except OSError as e:
                 self.rest = None
-                raise _port_error("http_port", s.host, s.http_port, e) from None
+                raise StartupError(port_error("http_port", s.host, s.http_port, e)) from None
             self.http_port = self.rest.port
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -225,9 +228,10 @@ class Gateway:
         if self.port == 0:
             raise StartupError(
                 f"grpc_port {s.grpc_port} on {s.host} cannot be bound (GRPC_VERBOSITY=debug says why):"
-                f" {_choose('grpc_port')}"
+                f" {choose('grpc_port')}"
             )
         await self.server.start()
+        self._serving = True
         if self.joiner is not None:
             # one join before serving: feedback for a prediction logged before a restart is ACCEPTED at once
             await asyncio.to_thread(self.joiner.run_once)
@@ -269,7 +273,8 @@ class Gateway:
         for task in (self._poller, self._log_watcher):
             if task is not None:
                 task.cancel()
-        await drain(self.state, drain_s=min(delay, grace), deadline=start + grace)
+        if self._serving:  # a start that failed half-way served nothing: no drain phase to wait or report
+            await drain(self.state, drain_s=min(delay, grace), deadline=start + grace)
         left = max(0.0, start + grace - time.monotonic())
         if self.rest is not None:
             await self.rest.stop(left)
@@ -330,43 +335,6 @@ def _tls(settings: Settings, prefix: str) -> tuple[str, str, str | None] | None:
     client_ca = getattr(settings, f"{prefix}tls_client_ca_file")
     check_tls(cert, key, client_ca, prefix)
     return str(cert), str(key), str(client_ca) if client_ca is not None else None
-
-
-def _choose(setting: str) -> str:
-    flag = "--" + setting.replace("_", "-")
-    off = {"metrics_port": " (-1 turns metrics off)", "http_port": " (-1 turns HTTP/REST off)"}.get(setting, "")
-    return f"choose another with {flag} or {env_name(setting)}{off}"
-
-
-def _port_error(setting: str, host: str, port: int, error: OSError) -> StartupError:
-    if error.errno == errno.EADDRNOTAVAIL:
-        return StartupError(f"host {host} is not an address of this machine: set --host or ONNXGATE_HOST")
-    if error.errno == errno.EADDRINUSE:
-        reason = "is in use (another server? Triton uses 8000-8002 too)"
-    elif error.errno == errno.EACCES:
-        reason = "needs privileges (ports below 1024)"
-    else:
-        reason = f"cannot be bound ({error.strerror or error})"
-    return StartupError(f"{setting} {port} on {host} {reason}: {_choose(setting)}")
-
-
-def _probe_port(setting: str, host: str, port: int) -> None:
-    """Raise StartupError when `port` on `host` cannot be bound now (port 0, any free port, always can)."""
-    if port == 0:
-        return
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as e:
-        raise StartupError(f"host {host} cannot be resolved ({e.strerror}): set --host or ONNXGATE_HOST") from None
-    with socket.socket(family, kind, proto) as probe:
-        # as the real server does: a port whose old connections linger in TIME_WAIT is free
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as e:
-            raise _port_error(setting, host, port, e) from None
 
 
 def _add_to_pool(module: object) -> None:

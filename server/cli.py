@@ -16,6 +16,8 @@ from typing import Any
 
 from onnxgate import __version__
 from onnxgate.server.config import FIELDS, Settings, SettingsError, env_name, load_settings
+from onnxgate.server.preflight import problems as preflight
+from onnxgate.server.preflight import unusable_repository
 
 log = logging.getLogger("onnxgate")
 
@@ -32,20 +34,65 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", type=Path, help="TOML settings file (keys as the flags, with underscores)")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [env {env_name(name)}; default {f.default!r}]"
+        # argparse %-formats help texts: a literal % in a setting's help must reach it doubled
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(name)}; default {f.default!r}]".replace("%", "%%")
         if f.type in ("bool",):
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif name == "load_model":
             serve.add_argument(flag, action="append", help=help_text)
         else:
             serve.add_argument(flag, help=help_text)
-    chosen = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
         _add_subcommand(sub, name, module, help_text, configure=name == chosen)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_renamed(argv, chosen))
     if args.command == "serve":
         return _serve(vars(args))
+    if hasattr(args, MODEL_ARGUMENT):
+        _take_positional_model(sub.choices[args.command], args)
     return int(args.run(args))
+
+
+# One name for one thing in every subcommand: --predlog-dir for the prediction log, --model-repository for
+# the repository, --model for a model's name. The names they replace still work for one release, with a line
+# on stderr saying what to write instead.
+DEPRECATED_FLAGS = {
+    "dataset": {"--log-dir": "--predlog-dir"},
+    "convert": {"--name": "--model"},
+}
+# the subcommands that took the model's name as their first positional argument (retrain, evaluate,
+# models show) keep it under this dest, hidden from --help; `--model` is the name to use
+MODEL_ARGUMENT = "positional_model"
+
+
+def _renamed(argv: list[str], command: str | None) -> list[str]:
+    """argv with the deprecated flags of `command` replaced by their new names (also as --flag=value)."""
+    renames = DEPRECATED_FLAGS.get(command or "", {})
+    out = []
+    for arg in argv:
+        old, eq, value = arg.partition("=")
+        if old in renames:
+            _deprecated(command or "", old, renames[old])
+            arg = renames[old] + eq + value
+        out.append(arg)
+    return out
+
+
+def _take_positional_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positional = getattr(args, MODEL_ARGUMENT)
+    if positional is not None:
+        command = args.command + (" show" if args.command == "models" else "")
+        _deprecated(command, "the model name as a positional argument", "--model NAME")
+        if args.model is not None and args.model != positional:
+            parser.error(f"two model names: {positional!r} and --model {args.model!r}; give --model only")
+        args.model = positional
+    if args.model is None:
+        parser.error("the following arguments are required: --model")
+
+
+def _deprecated(command: str, old: str, new: str) -> None:
+    print(f"onnxgate {command}: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr)
 
 
 # the other commands, each in its own module: only the one that runs is imported (`serve` never loads
@@ -84,36 +131,41 @@ def _serve(args: dict[str, Any]) -> int:
     try:
         settings = load_settings(config_file, flags=args)
     except SettingsError as e:
-        print(f"onnxgate: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+        return _refuse(e.problems)
     root = settings.model_repository
     if settings.example:
-        from onnxgate.server.example import ensure_example_repository
-
         root = root or DEFAULT_EXAMPLE_DIR
-        # checked before building: the build replaces what is at `root` when it is not the example
+        # the example's directory is built at start: only a non-directory there is refused (never replaced)
         if root.exists() and not root.is_dir():
-            print(f"onnxgate: {_unusable_repository(root)}", file=sys.stderr)
-            return 2
-        root = ensure_example_repository(root)
+            return _refuse([unusable_repository(root) or ""])
         # the embedded default logs every prediction on local disk, beside the example repository
         predlog_dir = settings.predlog_dir or str(root.parent / "predlog")
         settings = dataclasses.replace(settings, model_repository=root, predlog_dir=predlog_dir)
     assert root is not None
-    problem = _unusable_repository(root)
-    if problem:
-        print(f"onnxgate: {problem}", file=sys.stderr)
-        return 2
+    # everything checked before anything starts or is logged: every problem at once, one line each
+    found = preflight(settings, None if settings.example else root)
     try:
         loop_factory = _loop_factory(settings.event_loop)
     except SettingsError as e:
-        print(f"onnxgate: {e}", file=sys.stderr)
-        return 2
+        found += e.problems
+    if found:
+        return _refuse(found)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if settings.example:
+        from onnxgate.server.example import ensure_example_repository
+
+        root = ensure_example_repository(root)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(_run(settings, root))
+
+
+def _refuse(problems: list[str]) -> int:
+    """`onnxgate serve` cannot start: each problem on its own line, exit status 2."""
+    for problem in problems:
+        print(f"onnxgate: {problem}", file=sys.stderr)
+    return 2
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -131,21 +183,6 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
             ) from None
         return None
     return uvloop.new_event_loop
-
-
-def _unusable_repository(root: Path) -> str | None:
-    """Why `root` cannot serve as the model repository, in one line that says what to change; None if it can."""
-    where = "set --model-repository or ONNXGATE_MODEL_REPOSITORY"
-    if not root.exists():
-        return f"model repository {root} does not exist: {where}"
-    if not root.is_dir():
-        return f"model repository {root} is not a directory: {where} to the directory holding the models"
-    try:
-        with os.scandir(root):
-            pass
-    except OSError as e:
-        return f"model repository {root} cannot be read ({e.strerror}): fix its permissions or {where}"
-    return None
 
 
 async def _run(settings: Settings, root: Path) -> int:

@@ -27,7 +27,12 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 class SettingsError(Exception):
-    """A setting with a bad value; the message names the setting, its source and what is allowed."""
+    """Settings with bad values: one line per problem, each naming the setting, its source and what is
+    allowed. All problems are found before one is raised, so an operator fixes them in one round."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,12 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        found: list[str] = []
+
+        def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+            if not ok:
+                found.append(f"setting {name} = {value!r} is invalid: expected {allowed}")
+
         _check(
             self.model_control_mode in CONTROL_MODES,
             "model_control_mode",
@@ -202,9 +213,9 @@ class Settings:
         for prefix in ("", "metrics_"):
             cert, key = getattr(self, f"{prefix}tls_cert_file"), getattr(self, f"{prefix}tls_key_file")
             if (cert is None) != (key is None):
-                raise SettingsError(f"{prefix}tls_cert_file and {prefix}tls_key_file go together: set both, or neither")
+                found.append(f"{prefix}tls_cert_file and {prefix}tls_key_file go together: set both, or neither")
             if cert is None and getattr(self, f"{prefix}tls_client_ca_file") is not None:
-                raise SettingsError(
+                found.append(
                     f"{prefix}tls_client_ca_file needs TLS: set {prefix}tls_cert_file and {prefix}tls_key_file too"
                 )
         _check(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "a positive number of seconds")
@@ -229,11 +240,16 @@ class Settings:
             "at least 1",
         )
         if self.predlog_dir is not None:
-            self.predlog()  # checks the per-model entries now, with the other settings
+            try:
+                self.predlog()  # checks the per-model entries now, with the other settings
+            except SettingsError as e:
+                found += e.problems
         if self.model_repository is None and not self.example:
-            raise SettingsError(
+            found.append(
                 "no model repository: pass --model-repository DIR (or ONNXGATE_MODEL_REPOSITORY), or --example"
             )
+        if found:
+            raise SettingsError(*found)
 
     @property
     def threads(self) -> int:
@@ -251,11 +267,6 @@ class Settings:
             raise SettingsError(f"prediction log settings: {e}") from None
 
 
-def _check(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise SettingsError(f"setting {name} = {value!r} is invalid: expected {allowed}")
-
-
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -270,21 +281,33 @@ def load_settings(
 ) -> Settings:
     """Merge the sources; `flags` holds only the flags given on the command line."""
     values: dict[str, Any] = {}
+    found: list[str] = []  # every bad value from every source, reported together
+
+    def take(name: str, value: Any, source: str) -> None:
+        try:
+            values[name] = _convert(name, value, source)
+        except SettingsError as e:
+            found.extend(e.problems)
+
     env = os.environ if env is None else env
     config_file = config_file or (Path(env["ONNXGATE_CONFIG"]) if env.get("ONNXGATE_CONFIG") else None)
     if config_file is not None:
         for key, value in _read_config(config_file).items():
-            name = key.replace("-", "_")
-            values[name] = _convert(name, value, f"config file {config_file}")
+            take(key.replace("-", "_"), value, f"config file {config_file}")
     for name in FIELDS:
         if env_name(name) in env:
-            values[name] = _convert(name, env[env_name(name)], f"environment variable {env_name(name)}")
+            take(name, env[env_name(name)], f"environment variable {env_name(name)}")
     for name, value in (flags or {}).items():
-        values[name] = _convert(name, value, f"flag --{name.replace('_', '-')}")
+        take(name, value, f"flag --{name.replace('_', '-')}")
     try:
-        return Settings(**values)
+        settings = Settings(**values)
+    except SettingsError as e:
+        raise SettingsError(*found, *e.problems) from None
     except TypeError as e:
-        raise SettingsError(str(e)) from e
+        raise SettingsError(*found, str(e)) from e
+    if found:
+        raise SettingsError(*found)
+    return settings
 
 
 def _read_config(path: Path) -> dict[str, Any]:

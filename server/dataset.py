@@ -16,7 +16,7 @@ ends in .csv (list columns as JSON text there).
 Engines (`--engine`): `duckdb` (the default; server/logquery.py: DuckDB scans the segments, bounded by
 `--memory-limit`), `arrow` (this module's pure-pyarrow path: the log in memory as Python rows; the
 reference the others are tested against), `spark` (server/spark_export.py; `pip install onnxgate[spark]`).
-`--log-dir` is a directory or an object-store URI (s3://, gs://, abfs://; duckdb and spark engines).
+`--predlog-dir` is a directory or an object-store URI (s3://, gs://, abfs://; duckdb and spark engines).
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--engine", choices=("duckdb", "arrow"), default="duckdb", help="default: duckdb")
     for p in (exp, rep):
         p.add_argument(
-            "--log-dir",
+            "--predlog-dir",
             default=os.environ.get("ONNXGATE_PREDLOG_DIR"),
             help="the prediction log: a directory, or s3://, gs://, abfs:// (default: $ONNXGATE_PREDLOG_DIR)",
         )
@@ -259,10 +259,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    location = args.log_dir
+    location = args.predlog_dir
     remote = location is not None and "://" in str(location)
     if location is None or (not remote and not Path(location).is_dir()):
-        print(f"onnxgate dataset: no prediction log at {location} (--log-dir)", file=sys.stderr)
+        print(
+            f"onnxgate dataset: no prediction log at {location}: set --predlog-dir (or ONNXGATE_PREDLOG_DIR)",
+            file=sys.stderr,
+        )
         return 2
     if remote and args.engine == "arrow":
         print("onnxgate dataset: --engine arrow reads local directories only; use duckdb or spark", file=sys.stderr)

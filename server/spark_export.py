@@ -1,7 +1,7 @@
 """`onnxgate dataset export --engine spark`, and the same job for spark-submit on a cluster:
 
     spark-submit --master yarn "$(python -c 'import onnxgate.server.spark_export as m; print(m.__file__)')" \\
-        --log-dir s3://bucket/predlog --model iris [--version 3] [--since 2026-01-01] --out s3://bucket/iris
+        --predlog-dir s3://bucket/predlog --model iris [--version 3] [--since 2026-01-01] --out s3://bucket/iris
 
 (With the pip-installed PySpark as the local Spark: `export SPARK_HOME="$(python -c 'import pyspark, os;
 print(os.path.dirname(pyspark.__file__))')" PYSPARK_PYTHON="$(which python)"` first, or its
@@ -272,7 +272,7 @@ def _shape(joined: DataFrame, n: int) -> DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="onnxgate's labelled rows of one model, as Parquet (Spark)")
-    parser.add_argument("--log-dir", required=True, help="the prediction log: a directory, or s3://, gs://, abfs://")
+    parser.add_argument("--predlog-dir", required=True, help="the prediction log: a directory, or s3://, gs://, abfs://")
     parser.add_argument("--model", required=True)
     parser.add_argument("--version")
     parser.add_argument("--since", type=parse_since, help="ISO-8601, or epoch seconds")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     skipped: SkipList = {}
     n = export(
-        args.log_dir, args.model, args.out, version=args.version, since=args.since, master=args.master, skipped=skipped
+        args.predlog_dir, args.model, args.out, version=args.version, since=args.since, master=args.master, skipped=skipped
     )
     for path, why in sorted(skipped.items()):
         print(f"onnxgate dataset: skipped unreadable file {path} ({why})", file=sys.stderr)

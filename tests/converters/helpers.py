@@ -16,10 +16,10 @@ from onnxgate.server.pb import model_config_pb2
 
 
 def run_cli(source: str | Path, repository: Path, name: str, *extra: str) -> int:
-    """`onnxgate convert SOURCE --model-repository REPO --name NAME ...` through configure_parser/run."""
+    """`onnxgate convert SOURCE --model-repository REPO --model NAME ...` through configure_parser/run."""
     parser = argparse.ArgumentParser()
     cli.configure_parser(parser)
-    args = parser.parse_args([str(source), "--model-repository", str(repository), "--name", name, "--quiet", *extra])
+    args = parser.parse_args([str(source), "--model-repository", str(repository), "--model", name, "--quiet", *extra])
     return cli.run(args)
 
 

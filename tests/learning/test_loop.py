@@ -36,7 +36,7 @@ def _convert(tmp_path: Path, frame: pd.DataFrame, name: str = "m", recipe: str =
     frame.to_csv(tmp_path / "base.csv", index=False)
     joblib.dump(LogisticRegression().fit(frame[FEATURES], frame["y"]), tmp_path / "model.joblib")
     repo = tmp_path / "repo"
-    args = ["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--name", name]
+    args = ["convert", str(tmp_path / "model.joblib"), "--model-repository", str(repo), "--model", name]
     assert onnxgate([*args, "--recipe", recipe, "--training-data", str(tmp_path / "base.csv"), "--target", "y"]) == 0
     return repo
 
@@ -87,7 +87,7 @@ def test_a_concept_change_is_retrained_promoted_and_recovers_within_3_points_of_
         assert client.model_ready("drifty", newest.name)
     config = gw.gateway.repository.get("drifty", newest.name).spec.config
     assert json.loads(config.parameters["model_card"].string_value)["parent_version"] == card["parent_version"]
-    assert onnxgate(["models", "show", "drifty", "--model-repository", str(tmp_path / "repository")]) == 0
+    assert onnxgate(["models", "show", "--model", "drifty", "--model-repository", str(tmp_path / "repository")]) == 0
     shown = capsys.readouterr().out
     assert "promoted" in shown and f"{newest.name:>7}    yes" in shown
 
@@ -142,7 +142,7 @@ def test_too_few_labels_are_refused_with_a_message(
     gw = _serve(start_gateway, repo, tmp_path / "log")
     _stream(gw.address, "m", concept("B", 40, rng))
     _flush(gw)
-    args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+    args = ["retrain", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
     assert onnxgate([*args, "--min-rows", "100"]) == 0  # a decision, not a failure
     out = capsys.readouterr().out
     assert "not enough data" in out and "40 labelled rows in the prediction log, 100 needed" in out
@@ -175,7 +175,7 @@ def test_a_crash_in_the_middle_of_a_retrain_leaves_the_repository_as_it_was(
     _flush(gw)
     before = sorted((str(p.relative_to(repo)), p.stat().st_size) for p in repo.rglob("*"))
     process = subprocess.Popen(
-        [sys.executable, "-m", "onnxgate", "retrain", "m", "--model-repository", str(repo),
+        [sys.executable, "-m", "onnxgate", "retrain", "--model", "m", "--model-repository", str(repo),
          "--predlog-dir", str(tmp_path / "log"), "--min-rows", "100"],
         env={**os.environ, "PYTHONPATH": str(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -195,7 +195,7 @@ def test_an_r_glm_is_refit_in_r_and_promoted_with_parity(
 ) -> None:
     _rscript(_R_GLM, tmp_path, str(tmp_path))  # glm.rds trained on train.csv (x1, x2, y)
     repo = tmp_path / "repo"
-    args = ["convert", str(tmp_path / "glm.rds"), "--model-repository", str(repo), "--name", "churn"]
+    args = ["convert", str(tmp_path / "glm.rds"), "--model-repository", str(repo), "--model", "churn"]
     assert onnxgate([*args, "--recipe", "r", "--training-data", str(tmp_path / "train.csv")]) == 0
     gw = _serve(start_gateway, repo, tmp_path / "log")
     rng = np.random.default_rng(7)
@@ -240,7 +240,7 @@ def test_input_drift_is_measured_without_labels_and_triggers_a_retrain(
     psi = learner.registry.get_sample_value("onnxgate_drift_psi", {"model": "m", "version": "1", "feature": "x2"})
     assert psi is not None and psi > 1.0
     assert (
-        onnxgate(["models", "show", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]) == 0
+        onnxgate(["models", "show", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]) == 0
     )
     shown = capsys.readouterr().out.splitlines()
     assert next(line for line in shown if line.startswith("x2")).split()[1] == "ks"
@@ -267,7 +267,7 @@ def test_a_failing_recipe_is_a_recorded_failure_and_publishes_nothing(
         gw = start_gateway(repo, model_control_mode="explicit", load_model=("m",), predlog_dir=str(tmp_path / "log"))
         _stream(gw.address, "m", concept("B", 200, rng))
         _flush(gw)
-        args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+        args = ["retrain", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
         assert onnxgate([*args, "--min-rows", "100", "--gateway", gw.address]) == 1
     out = capsys.readouterr().out
     assert "failed" in out and "the feature store is down" in out
@@ -286,7 +286,7 @@ def test_a_promotion_is_loaded_by_an_explicit_mode_gateway(
     gw = start_gateway(repo, model_control_mode="explicit", load_model=("m",), predlog_dir=str(tmp_path / "log"))
     _stream(gw.address, "m", concept("B", 600, rng))
     _flush(gw)
-    args = ["retrain", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+    args = ["retrain", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
     assert onnxgate([*args, "--min-rows", "300", "--gateway", gw.address]) == 0
     assert versions(repo / "m") == [1, 2]
     with Client(gw.address) as client:

@@ -190,11 +190,11 @@ def test_replay_scores_the_candidates_onnx_file_on_logged_inputs(tmp_path: Path)
 
 def test_the_command_prints_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _split_log(tmp_path, n=400)
-    assert main(["evaluate", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--resamples", "200"]) == 0
+    assert main(["evaluate", "--model", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--resamples", "200"]) == 0
     out = capsys.readouterr().out
     assert "estimator" in out and "snips" in out and "observed" in out
-    assert main(["evaluate", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--json"]) == 0
+    assert main(["evaluate", "--model", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["candidate"] == "2" and {e["estimator"] for e in data["estimates"]} >= {"observed", "ips", "snips"}
-    assert main(["evaluate", "nope", "--candidate", "2", "--predlog-dir", str(tmp_path)]) == 2
+    assert main(["evaluate", "--model", "nope", "--candidate", "2", "--predlog-dir", str(tmp_path)]) == 2
     assert "no labelled predictions of 'nope'" in capsys.readouterr().err

@@ -116,7 +116,7 @@ def test_installed_wheel_serves_and_converts(venv: Path, tmp_path: Path) -> None
 
     _run(venv, tmp_path, "python", "-c", TRAIN_SCRIPT)
     converted = _run(
-        venv, tmp_path, "onnxgate", "convert", "wine.joblib", "--model-repository", "models", "--name", "wine"
+        venv, tmp_path, "onnxgate", "convert", "wine.joblib", "--model-repository", "models", "--model", "wine"
     )
     assert converted.stdout.strip() == str(Path("models") / "wine" / "1")
     report = json.loads((tmp_path / "models" / "wine" / "1" / "report.json").read_text())

@@ -25,7 +25,7 @@ N = 40
 
 
 def _export(log_dir: Path, out: Path, *extra: str) -> list[dict[str, object]]:
-    assert cli(["dataset", "export", "--log-dir", str(log_dir), "--model", "argmax", "--out", str(out), *extra]) == 0
+    assert cli(["dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax", "--out", str(out), *extra]) == 0
     return sorted(pq.read_table(out).to_pylist(), key=lambda r: int(str(r["prediction_id"])[1:]))
 
 
@@ -99,7 +99,7 @@ def test_predictions_feedback_metrics_and_export(start_gateway: Callable[..., Ga
         assert r["reward"] == (float(i) if 10 <= i < 20 else None)
         assert [r[f"output_scores_{k}"] for k in range(4)] == [float(v) for v in x]
     assert (
-        cli(["dataset", "export", "--log-dir", str(log_dir), "--model", "argmax", "--out", str(tmp_path / "a.csv")])
+        cli(["dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax", "--out", str(tmp_path / "a.csv")])
         == 0
     )
     assert len((tmp_path / "a.csv").read_text().splitlines()) == 26

@@ -37,7 +37,7 @@ def test_stream_with_a_bad_message_keeps_the_good_prefix(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     c.close()
     gw.stop()
-    assert cli(["dataset", "report", "--log-dir", str(log_dir), "--unknown-after-s", "0"]) == 0
+    assert cli(["dataset", "report", "--predlog-dir", str(log_dir), "--unknown-after-s", "0"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["predictions"], report["joined"], report["unknown"]) == (1, 1, ["x"])
-    assert cli(["dataset", "report", "--log-dir", str(tmp_path / "missing")]) == 2
+    assert cli(["dataset", "report", "--predlog-dir", str(tmp_path / "missing")]) == 2

@@ -181,7 +181,7 @@ def test_unreadable_files_are_skipped_and_reported(
     c.close()
     assert gw.terminate() == 0
     out = subprocess.run(
-        [sys.executable, "-m", "onnxgate", "dataset", "report", "--log-dir", str(log_dir)],
+        [sys.executable, "-m", "onnxgate", "dataset", "report", "--predlog-dir", str(log_dir)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -190,7 +190,7 @@ def test_unreadable_files_are_skipped_and_reported(
     summary = json.loads(out.stdout)
     assert summary["joined"] == 1 and len(summary["unreadable_files"]) == 2
     export = subprocess.run(
-        [sys.executable, "-m", "onnxgate", "dataset", "export", "--log-dir", str(log_dir), "--model", "argmax",
+        [sys.executable, "-m", "onnxgate", "dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax",
          "--out", str(tmp_path / "out.parquet")],
         capture_output=True,
         text=True,
@@ -218,7 +218,7 @@ def test_a_reused_client_id_is_reported_and_joins_its_latest_prediction(
     assert gw.terminate() == 0
     out = tmp_path / "out.parquet"
     subprocess.run(
-        [sys.executable, "-m", "onnxgate", "dataset", "export", "--log-dir", str(log_dir), "--model", "argmax",
+        [sys.executable, "-m", "onnxgate", "dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax",
          "--out", str(out)],
         check=True,
         capture_output=True,

@@ -15,7 +15,12 @@ from onnxgate.server.join import Joiner
 from onnxgate.server.predlog import PredictionLog
 from tests.predlog.helpers import record_iris, settings
 
-NOW = datetime.now(UTC)
+
+@pytest.fixture
+def now() -> datetime:
+    """The time at the start of the test: segments are placed around it, and the joiner's window (which ends
+    at the wall clock before it has seen a prediction) sees them there however long the suite ran before."""
+    return datetime.now(UTC)
 
 
 def _segment(log_dir: Path, seq: int, ids: list[str], labels: list[int], at: datetime, replica: str = "r0") -> None:
@@ -44,10 +49,10 @@ def _feedback(log_dir: Path, labels: dict[str, str]) -> None:
     store.close()
 
 
-def test_each_round_reads_only_what_is_new(tmp_path: Path) -> None:
+def test_each_round_reads_only_what_is_new(tmp_path: Path, now: datetime) -> None:
     for seq in range(1, 6):
         ids = [f"s{seq}-{i}" for i in range(100)]
-        _segment(tmp_path, seq, ids, [i % 2 for i in range(100)], NOW - timedelta(minutes=10 - seq))
+        _segment(tmp_path, seq, ids, [i % 2 for i in range(100)], now - timedelta(minutes=10 - seq))
     _feedback(tmp_path, {f"s1-{i}": "1" for i in range(10)})  # 5 right (odd i), 5 wrong
     joiner = Joiner(tmp_path, interval_s=3600, unknown_after_s=3600)
     first = joiner.run_once()
@@ -59,7 +64,7 @@ def test_each_round_reads_only_what_is_new(tmp_path: Path) -> None:
     joiner.run_once()
     assert (joiner.segments_read, joiner.rows_read) == (segments, 510)
     # a new segment and new feedback: only they are read
-    _segment(tmp_path, 6, [f"s6-{i}" for i in range(100)], [1] * 100, NOW)
+    _segment(tmp_path, 6, [f"s6-{i}" for i in range(100)], [1] * 100, now)
     _feedback(tmp_path, {"s6-0": "1", "s1-0": "0"})  # s1-0 (predicted 0) corrected from wrong to right
     later = joiner.run_once()
     assert joiner.segments_read == segments + 2 and joiner.rows_read == 510 + 100 + 2
@@ -84,9 +89,9 @@ def test_an_open_segment_is_read_again_only_when_it_grew(tmp_path: Path) -> None
     assert joiner.run_once().predictions == 2 and joiner.rows_read == 2
 
 
-def test_the_window_bounds_what_is_kept_and_measured(tmp_path: Path) -> None:
-    _segment(tmp_path, 1, ["old-0", "old-1"], [1, 1], NOW - timedelta(hours=3))
-    _segment(tmp_path, 2, ["new-0", "new-1", "new-2", "new-3"], [1, 1, 1, 0], NOW)
+def test_the_window_bounds_what_is_kept_and_measured(tmp_path: Path, now: datetime) -> None:
+    _segment(tmp_path, 1, ["old-0", "old-1"], [1, 1], now - timedelta(hours=3))
+    _segment(tmp_path, 2, ["new-0", "new-1", "new-2", "new-3"], [1, 1, 1, 0], now)
     _feedback(tmp_path, {"old-0": "0", "old-1": "0", "new-0": "1", "new-3": "1"})
     joiner = Joiner(tmp_path, interval_s=3600, unknown_after_s=3600, window_s=3600)
     snap = joiner.run_once()
@@ -101,12 +106,12 @@ def test_the_window_bounds_what_is_kept_and_measured(tmp_path: Path) -> None:
     assert snap.quality[("m", "1")].labelled == 1 and snap.quality[("m", "1")].accuracy == 0.0
 
 
-def test_predictions_leaving_the_window_take_their_quality_with_them(tmp_path: Path) -> None:
-    _segment(tmp_path, 1, ["a", "b"], [1, 1], NOW - timedelta(minutes=50))
+def test_predictions_leaving_the_window_take_their_quality_with_them(tmp_path: Path, now: datetime) -> None:
+    _segment(tmp_path, 1, ["a", "b"], [1, 1], now - timedelta(minutes=50))
     _feedback(tmp_path, {"a": "1", "b": "0"})
     joiner = Joiner(tmp_path, interval_s=3600, unknown_after_s=3600, window_s=3600)
     assert joiner.run_once().quality[("m", "1")].accuracy == 0.5
-    _segment(tmp_path, 2, ["c"], [1], NOW + timedelta(minutes=20))  # the window moves past a and b
+    _segment(tmp_path, 2, ["c"], [1], now + timedelta(minutes=20))  # the window moves past a and b
     _feedback(tmp_path, {"c": "1"})
     snap = joiner.run_once()
     assert snap.predictions == 1 and snap.pending == []
@@ -116,10 +121,10 @@ def test_predictions_leaving_the_window_take_their_quality_with_them(tmp_path: P
 
 
 @pytest.mark.parametrize("reused_first", [True, False])
-def test_a_reused_id_joins_its_latest_prediction(tmp_path: Path, reused_first: bool) -> None:
+def test_a_reused_id_joins_its_latest_prediction(tmp_path: Path, reused_first: bool, now: datetime) -> None:
     first, second = (["x", "y"], ["x"]) if reused_first else (["y", "x"], ["x"])
-    _segment(tmp_path, 1, first, [0, 0], NOW - timedelta(minutes=2))
-    _segment(tmp_path, 2, second, [1], NOW - timedelta(minutes=1))
+    _segment(tmp_path, 1, first, [0, 0], now - timedelta(minutes=2))
+    _segment(tmp_path, 2, second, [1], now - timedelta(minutes=1))
     _feedback(tmp_path, {"x": "1"})
     snap = Joiner(tmp_path, interval_s=3600, unknown_after_s=3600).run_once()
     assert (snap.predictions, snap.reused, snap.quality[("m", "1")].accuracy) == (2, 1, 1.0)

@@ -121,7 +121,7 @@ def test_segments_are_uploaded_then_removed_locally_and_the_export_reads_the_sto
     pafs.copy_files(root, str(local_copy), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     from_store, from_disk = tmp_path / "store.parquet", tmp_path / "disk.parquet"
     for source, out in ((s3.uri, from_store), (str(local_copy), from_disk)):
-        assert cli(["dataset", "export", "--log-dir", source, "--model", "argmax", "--out", str(out)]) == 0
+        assert cli(["dataset", "export", "--predlog-dir", source, "--model", "argmax", "--out", str(out)]) == 0
     store_table, disk_table = pq.read_table(from_store), pq.read_table(from_disk)
     assert store_table.num_rows == 10
     assert store_table.equals(disk_table)
