@@ -1,7 +1,7 @@
 """A real Prometheus (.ci/deps/prometheus.sh) scrapes a real gateway every second while known traffic goes
 over gRPC and REST; PromQL through its HTTP API then sees exactly the answers sent, by code, plausible
 rates, and a finite p99 from the latency histogram. `promtool check metrics` finds nothing to say about
-the exposition, and the README's example queries all evaluate."""
+the exposition, and the metrics reference's example queries all evaluate."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from onnxgate.server.pb import grpc_service_pb2 as pb
 from tests.conftest import GatewayHandle
 from tests.traffic import grpc_infer, http_request, rest_infer_body, send_known_traffic
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md"
 SCRAPE_S = 1
-# a loopback request to a small tabular model takes about a millisecond (docs/benchmarks.md); the bound
+# a loopback request to a small tabular model takes about a millisecond (docs/explanation/benchmarks.md); the bound
 # only catches a broken histogram (an empty one gives NaN, a wrong unit 1000x), not a slow machine
 P99_BOUND_S = 0.5
 
@@ -183,7 +183,7 @@ def test_prometheus_scrapes_counts_rates_and_quantiles(start_gateway, example_re
     assert 0.15 < failed < 0.5, failed
 
     for promql in readme_queries():
-        prom.query(promql)  # every example in the README evaluates (status success)
+        prom.query(promql)  # every example in docs/reference/metrics.md evaluates (status success)
 
     # the exposition Prometheus read is clean for promtool's linter too
     text = urllib.request.urlopen(handle.metrics_url, timeout=10).read()
@@ -201,11 +201,10 @@ def test_promtool_finds_nothing_on_a_fresh_gateway(start_gateway, tmp_path: Path
 
 
 def readme_queries() -> list[str]:
-    """The PromQL examples of the README's Metrics section (```promql blocks, one query a line)."""
-    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```promql\n(.*?)```", section, re.S)
+    """The PromQL examples of the metrics reference (```promql blocks, one query a line)."""
+    blocks = re.findall(r"```promql\n(.*?)```", METRICS_DOC.read_text(), re.S)
     queries = [
         line.strip() for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")
     ]
-    assert queries, "no ```promql block in the README's Metrics section"
+    assert queries, "no ```promql block in docs/reference/metrics.md"
     return queries
