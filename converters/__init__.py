@@ -34,6 +34,7 @@ from onnxgate.converters.base import (
     ConvertOptions,
     MissingDependency,
     Rows,
+    feature_columns,
 )
 
 __all__ = [
@@ -253,6 +254,7 @@ def _report(source: str, conversion: Conversion, check: parity.ParityReport) -> 
         "task": conversion.task,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "inputs": publish.signature(conversion.inputs),
+        "columns": feature_columns(conversion),
         "outputs": publish.signature(conversion.outputs),
         "labels": conversion.labels,
         "opsets": graph.opsets(conversion.model),
@@ -318,6 +320,9 @@ def convert_and_check(
     given: Rows | None = None
     if sample_path:
         # read once as the file gives the numbers; onnxruntime gets them cast (parity.check, `given`)
+        if conversion.input_columns is None and not conversion.column_inputs:
+            # a model that does not name its columns takes a sample's header, matched by position
+            conversion.input_columns = sample.header_columns(sample_path, conversion.inputs)
         given = sample.read_file(sample_path, conversion.inputs, conversion.input_columns, cast=False)
         sample_rows = sample.cast_rows(given, conversion.inputs)
         origin = f"user file {Path(sample_path).name}"

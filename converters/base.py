@@ -69,6 +69,44 @@ class Conversion:
     # as it would in the user's own code; rows that differ only because a value rounds to float32 onto
     # a split threshold are reported apart (parity.py). False: both sides read the cast rows.
     native_takes_given: bool = False
+    # True: every input is one column of the source (shape [-1, 1], named like the column), e.g. when
+    # the columns have different types; `feature_columns` then lists the inputs as the columns
+    column_inputs: bool = False
+    # column name -> its categories, in the order the model codes them (pandas categories, PMML <Value>s,
+    # R factor levels): recorded with the columns so clients know what a column accepts
+    categories: dict[str, list[str]] = field(default_factory=dict)
+
+
+def feature_columns(conversion: Conversion) -> list[dict[str, Any]] | None:
+    """The source's input columns in order, as the published version records them (config.pbtxt
+    parameter `columns`, the report's "columns"); None when the source does not name them.
+
+    Each column: its `name`, the `datatype` a client sends it as (FP32 for numbers, BYTES for text),
+    the model `input` it goes to and its `index` on that input's last axis, and `categories` when the
+    source lists them.
+    """
+    inputs = conversion.inputs
+    columns: list[dict[str, Any]] = []
+    if conversion.input_columns and len(inputs) == 1:
+        spec = inputs[0]
+        if len(spec.shape) != 2 or spec.shape[1] != len(conversion.input_columns):
+            return None
+        if len(set(conversion.input_columns)) != len(conversion.input_columns):
+            return None
+        for i, name in enumerate(conversion.input_columns):
+            columns.append({"name": str(name), "datatype": spec.datatype, "input": spec.name, "index": i})
+    elif conversion.column_inputs:
+        for spec in inputs:
+            if spec.shape not in ((-1, 1), (-1,)):
+                return None
+            columns.append({"name": spec.name, "datatype": spec.datatype, "input": spec.name, "index": 0})
+    else:
+        return None
+    for column in columns:
+        known = conversion.categories.get(column["name"])
+        if known:
+            column["categories"] = [str(c) for c in known]
+    return columns
 
 
 class ConversionError(Exception):

@@ -105,4 +105,12 @@ def convert(source: str, options: ConvertOptions) -> Conversion:
         labels=[str(c) for c in classes] if classifier else None,
         library_versions={"catboost": catboost.__version__},
         notes=[f"loss function {loss}"],
+        input_columns=_named_columns(model.feature_names_),
     )
+
+
+def _named_columns(names: Any) -> list[str] | None:
+    """CatBoost's feature names when it was trained on named columns (a DataFrame, a Pool with names);
+    it calls unnamed features "0", "1", ..."""
+    found = [str(n) for n in names or []]
+    return found if found and found != [str(i) for i in range(len(found))] else None

@@ -122,6 +122,8 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
             f"categorical columns {', '.join(categorical)}: BYTES inputs of their pandas categories (from the"
             " model file's pandas_categorical), mapped to codes in the graph; an unknown category counts as missing"
         )
+    names = [str(n) for n in booster.feature_name()]
+    generic = [f"Column_{i}" for i in range(len(names))]  # what LightGBM calls the columns of an array
     return Conversion(
         model=model,
         inputs=inputs,
@@ -133,6 +135,9 @@ def from_booster(booster: Any, options: ConvertOptions, classes: Any = None) -> 
         library_versions={"lightgbm": lightgbm.__version__, "onnxmltools": metadata.version("onnxmltools")},
         notes=notes,
         make_sample=_categorical_sample(booster, categorical) if categorical else None,
+        input_columns=None if categorical or names == generic else names,
+        column_inputs=bool(categorical),
+        categories=categorical,
     )
 
 

@@ -105,6 +105,8 @@ def convert_pmml(path: Path) -> Conversion:
         library_versions=_versions(root),
         notes=[f"PMML {root.get('version', '?')} {local(model.tag)} ({function}); reference scorer: pypmml"],
         input_columns=[f.name for f in fields] if tabular else None,
+        column_inputs=not tabular,
+        categories={f.name: list(f.data.values) for f in fields if f.data.is_string},
     )
 
 

@@ -18,11 +18,19 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from onnxgate.converters.base import LABEL, PROBABILITIES, Conversion, ConversionError, TensorSpec
+from onnxgate.converters.base import (
+    LABEL,
+    PROBABILITIES,
+    Conversion,
+    ConversionError,
+    TensorSpec,
+    feature_columns,
+)
 from onnxgate.server.pb import model_config_pb2
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.pbtxt"
+COLUMNS_PARAMETER = "columns"  # the source's input columns, JSON (converters.base.feature_columns)
 REPORT_FILE = "report.json"
 LABELS_FILE = "labels.txt"
 
@@ -65,6 +73,9 @@ def model_config(name: str, conversion: Conversion, report: dict[str, Any]) -> m
     config.parameters["conversion_report"].string_value = json.dumps(report, sort_keys=True)
     config.parameters["framework"].string_value = conversion.framework
     config.parameters["task"].string_value = conversion.task
+    columns = feature_columns(conversion)
+    if columns is not None:
+        config.parameters[COLUMNS_PARAMETER].string_value = json.dumps(columns, separators=(",", ":"))
     return config
 
 

@@ -507,6 +507,8 @@ def _conversion(
         library_versions={"onnx": onnx.__version__, **_rdata_version()},
         notes=[f"R {label}; reference: R's predict() through Rscript"],
         input_columns=[v.name for v in variables] if tabular else None,
+        column_inputs=not tabular,
+        categories={v.name: list(v.levels) for v in variables if v.levels},
     )
 
 

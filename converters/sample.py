@@ -169,6 +169,20 @@ def read_file(
     raise ConversionError(f"sample file {path.name!r}: expected .csv, .parquet, .npy or .npz")
 
 
+def header_columns(path: str | Path, inputs: list[TensorSpec]) -> list[str] | None:
+    """The header of a CSV or Parquet sample whose columns all go, by position, to a single matrix input:
+    the names of that input's columns, recorded with the version. None for anything else."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq") or not path.is_file():
+        return None
+    if len(inputs) != 1 or len(inputs[0].shape) != 2 or inputs[0].shape[1] < 1:
+        return None
+    names, columns = _read_table(path)
+    if names is None or len(columns) != inputs[0].shape[1] or len(set(names)) != len(names):
+        return None
+    return [str(n) for n in names]
+
+
 # A table's column names (None: the file has none, or only generic ones) and its columns in file order.
 Table = tuple[list[str] | None, list[np.ndarray]]
 

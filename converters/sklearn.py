@@ -453,6 +453,7 @@ def convert(source: str, options: ConvertOptions) -> Conversion:
         ],
         # fitted on a DataFrame of numbers: one matrix input, whose columns the estimator still names
         input_columns=None if per_column else [str(n) for n in getattr(model, "feature_names_in_", [])] or None,
+        column_inputs=per_column,
         # users call scikit-learn on float64 frames: parity runs it on the sample's numbers as given, as
         # serving compares with it (HistGradientBoosting keeps float64 thresholds; see parity.py)
         native_takes_given=True,

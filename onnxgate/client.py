@@ -187,16 +187,19 @@ def _channel_settings(
 
 # ---- requests and answers, shared by Client and AsyncClient ----
 
+# name -> array (a model's inputs, or its recorded columns), or a pandas DataFrame (one tensor per column)
+Inputs = Mapping[str, Any] | Any
+
 
 def _infer_request(
     model: str,
-    inputs: Mapping[str, Any],
+    inputs: Inputs,
     version: str,
     outputs: Sequence[str] | None,
     id: str | None,
 ) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=id or "")
-    for name, value in inputs.items():
+    for name, value in _named(inputs).items():
         array = np.asarray(value)
         if array.dtype.kind == "U":  # numpy strings: sent as UTF-8 BYTES
             array = array.astype(object)
@@ -209,6 +212,31 @@ def _infer_request(
     for name in outputs or ():
         request.outputs.add(name=name)
     return request
+
+
+def _named(inputs: Any) -> dict[str, Any]:
+    """A mapping of tensors as it is, or a pandas DataFrame as one tensor per column: a model that records
+    its columns (its ModelConfig's `columns` parameter) takes them by name and the gateway builds its tensors.
+    Text columns (object, string or category dtype) go as BYTES, a missing text value as ""."""
+    if hasattr(inputs, "columns") and hasattr(inputs, "dtypes") and not isinstance(inputs, Mapping):
+        out: dict[str, Any] = {}
+        for name in inputs.columns:
+            column = inputs[name]
+            if str(column.dtype) in ("object", "category", "string", "str") or column.dtype.kind in "OSU":
+                values = [_text(v) for v in column.tolist()]
+                out[str(name)] = np.array(values, dtype=object)
+            else:
+                out[str(name)] = column.to_numpy()
+        return out
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a mapping of name -> array or a pandas DataFrame, not {type(inputs).__name__}")
+    return dict(inputs)
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _infer_result(response: pb.ModelInferResponse) -> InferResult:
@@ -366,14 +394,15 @@ class Client:
     def infer(
         self,
         model: str,
-        inputs: Mapping[str, Any],
+        inputs: Inputs,
         *,
         version: str = "",
         outputs: Sequence[str] | None = None,
         id: str | None = None,
         timeout: float | None = None,
     ) -> InferResult:
-        """Run `model` on `inputs` (name -> array); `version` "" is the one the server's policy serves."""
+        """Run `model` on `inputs` (name -> array), or on a pandas DataFrame (one tensor per column, for a
+        model that records its columns); `version` "" is the one the server's policy serves."""
         request = _infer_request(model, inputs, version, outputs, id)
         return _infer_result(self._call(self._inference.ModelInfer, request, timeout))
 
@@ -469,7 +498,7 @@ class AsyncClient:
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, Any],
+        inputs: Inputs,
         *,
         version: str = "",
         outputs: Sequence[str] | None = None,

@@ -10,6 +10,10 @@ One row per prediction with feedback, from every replica's log:
     truth_label, truth_value,  the latest feedback of the prediction (duplicates removed)
     truth_<tensor>..., reward, feedback_id, feedback_at
 
+A model whose versions record their source's column names (converted from a DataFrame, PMML, R, ...)
+has its features named by them (`amount`, `merchant`) instead of `input_0..` (`name_features`; read from
+the log's columns.json files, so a log in an object store keeps the generic names).
+
 Rows are ordered by (predicted_at, prediction_id). Written as Parquet, or as CSV when the file name
 ends in .csv (list columns as JSON text there).
 
@@ -41,7 +45,7 @@ from onnxgate.server.feedback import read_feedback
 from onnxgate.server.feedback_order import Row
 from onnxgate.server.join import Joined, dedupe_feedback, join, primary_output, read_predictions
 from onnxgate.server.logfiles import LogFiles
-from onnxgate.server.predlog import INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX
+from onnxgate.server.predlog import COLUMNS_FILE, INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX, read_columns_file
 from onnxgate.server.segments import SkipList
 
 
@@ -158,12 +162,58 @@ def export(
             log, model, version=version, since=since, skipped=skipped, memory_limit=memory_limit, threads=threads
         )
     _warn(skipped)
+    if not str(log_dir).startswith(("s3://", "gs://", "abfs://", "abfss://")):
+        table = name_features(table, Path(log_dir), model)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         pcsv.write_csv(_csv_safe(table), out)
     else:
         pq.write_table(table, out)
     return int(table.num_rows)
+
+
+def recorded_columns(log_dir: Path, model: str) -> dict[str, dict[str, list[str]]]:
+    """version -> {input: [element names]} from every replica's `<model>/columns.json` (server/predlog.py)."""
+    found: dict[str, dict[str, list[str]]] = {}
+    if not log_dir.is_dir():
+        return found
+    for replica in sorted(p for p in log_dir.iterdir() if p.is_dir()):
+        for version, columns in read_columns_file(replica / model / COLUMNS_FILE).items():
+            if isinstance(columns, dict):
+                found.setdefault(str(version), {}).update(
+                    {str(k): [str(n) for n in v] for k, v in columns.items() if isinstance(v, list)}
+                )
+    return found
+
+
+def name_features(table: pa.Table, log_dir: Path, model: str) -> pa.Table:
+    """The export's feature columns named by the source's columns where the model's versions record them:
+    `input_0..input_3` become `v, w, s, t`. An input keeps its generic names when the versions in the
+    export record different names for it, or when a name would repeat another column of the export."""
+    if table.num_rows == 0:
+        return table
+    recorded = recorded_columns(log_dir, model)
+    versions = set(table["version"].to_pylist())
+    by_input: dict[str, set[tuple[str, ...]]] = {}
+    for version in versions:
+        for name, columns in recorded.get(str(version), {}).items():
+            by_input.setdefault(name, set()).add(tuple(columns))
+    present = list(table.column_names)
+    renames: dict[str, str] = {}
+    for name, choices in sorted(by_input.items()):
+        if len(choices) != 1:
+            continue
+        names = choices.pop()
+        generic = [name] if len(names) == 1 else [f"{name}_{i}" for i in range(len(names))]
+        if not all(g in present for g in generic) or f"{name}_{len(names)}" in present:
+            continue  # not expanded the way the names expect (several rows a prediction, a list column)
+        renames.update({g: c for g, c in zip(generic, names, strict=True) if g != c})
+    if not renames:
+        return table
+    final = [renames.get(c, c) for c in present]
+    if len(set(final)) != len(final):
+        return table  # a column name would repeat (a feature called `version`): keep the generic names
+    return table.rename_columns(final)
 
 
 def arrow_report(

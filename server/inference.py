@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from onnxgate.server.errors import ResourceExhausted, Unavailable
+from onnxgate.server.errors import InvalidArgument, ResourceExhausted, Unavailable
 from onnxgate.server.model import ModelVersion, Tensors
 from onnxgate.server.predlog import Recorder
 from onnxgate.server.repository import Repository
@@ -82,6 +82,8 @@ class Inference:
                 version, route, propensity = self.repository.get(infer.model, infer.version), EXPLICIT, 1.0
             else:
                 version, route, propensity, router = self.repository.route(infer.model)
+            if version.columns is not None or infer.rows is not None:
+                _assemble(infer, version)
             outputs = await version.infer(infer, decode_ns)
             t1 = time.monotonic_ns()
             answer = encode(infer, version.version_str, outputs)
@@ -103,7 +105,16 @@ class Inference:
             if self.record is not None:
                 # keyed by the request's id (generated when the client sent none): feedback refers to it
                 self.record(
-                    infer.id, infer.model, version.version_str, infer.inputs, outputs, route, propensity, None, None
+                    infer.id,
+                    infer.model,
+                    version.version_str,
+                    infer.inputs,
+                    outputs,
+                    route,
+                    propensity,
+                    None,
+                    None,
+                    version.columns.names_by_input if version.columns is not None else None,
                 )
             return answer
         finally:
@@ -144,7 +155,26 @@ class Inference:
                 propensity,
                 shadow.version_str if shadow_outputs is not None else None,
                 shadow_outputs,
+                champion.columns.names_by_input if champion.columns is not None else None,
             )
+
+
+def _assemble(infer: InferRequest, version: ModelVersion) -> None:
+    """Named columns (tensors per column, or REST rows) -> the version's own input tensors, in place: the
+    model run, the cache, the shadow run and the log record all see the model's tensors."""
+    columns = version.columns
+    if columns is None:
+        raise InvalidArgument(
+            f"model {infer.model!r} version {version.version} records no column names, so it cannot take 'rows';"
+            " send its inputs as tensors: "
+            + ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in version.spec.inputs)
+        )
+    try:
+        infer.inputs = columns.assemble(infer.inputs, infer.rows)
+    except BaseException:
+        version.stats.record_failure(0)
+        raise
+    infer.rows = None
 
 
 def _primary_differs(champion: Tensors, shadow: Tensors) -> bool:

@@ -25,6 +25,8 @@ import numpy as np
 
 from onnxgate.server.batcher import Batcher
 from onnxgate.server.cache import ResponseCache, cache_key
+from onnxgate.server.columns import Columns
+from onnxgate.server.columns import parse as parse_columns
 from onnxgate.server.errors import InvalidArgument, ResourceExhausted
 from onnxgate.server.modelspec import ConfigError, ModelSpec, TensorSpec
 from onnxgate.server.overload import QUEUED, ROWS, Limits, expired, latency_objective_s, version_limits
@@ -61,6 +63,8 @@ class ModelVersion:
         # what every request is checked against, worked out once
         self._inputs = {t.name: (t, _numpy_dtype(t.datatype)) for t in self.spec.inputs}
         self._output_names = [o.name for o in self.spec.outputs]
+        # the source's columns when the version records them (server/columns.py); a bad record fails the load
+        self.columns: Columns | None = parse_columns(self.spec)
         self.version_str = str(self.version)
         delay = self.spec.dynamic_batching_delay_s
         objective = latency_objective_s(self.spec)  # checked for every model: ConfigError fails the load

@@ -18,11 +18,16 @@ this version answered and the probability it had of being chosen), and per tenso
 `input.<name>` (the flattened values) and `input.<name>.shape` (likewise `output.<name>`). A request a
 shadow version also scored carries `shadow_version` and its outputs as `shadow.output.<name>` (+ `.shape`)
 in the same row: one row per prediction id.
+
+A model whose versions record their source's column names (server/columns.py) also gets
+`<log_dir>/<replica_id>/<model>/columns.json`, `{"versions": {"<version>": {"<input>": [names]}}}`, the
+names of each input's elements: `onnxgate dataset export` names the features by them (server/dataset.py).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import random
@@ -30,10 +35,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +58,7 @@ INPUT_PREFIX = "input."
 OUTPUT_PREFIX = "output."
 SHADOW_OUTPUT_PREFIX = "shadow.output."
 SHAPE_SUFFIX = ".shape"
+COLUMNS_FILE = "columns.json"
 META_COLUMNS = ("id", "model", "version", "ts", "replica")
 
 
@@ -191,6 +197,8 @@ class Prediction(NamedTuple):
     propensity: float = 1.0
     shadow_version: str | None = None
     shadow_outputs: Mapping[str, np.ndarray] | None = None
+    # input name -> the names of its elements, when the version records its columns (server/columns.py)
+    columns: Mapping[str, Sequence[str]] | None = None
 
 
 @dataclass
@@ -227,6 +235,7 @@ class PredictionLog:
         self._recover_existing()
         self._recent_ids: set[str] = set()
         self._recent_lock = threading.Lock()
+        self._columns: dict[str, dict[str, Any]] = {}  # model -> version -> columns written (writer thread)
         self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
         self._thread.start()
 
@@ -242,6 +251,7 @@ class PredictionLog:
         propensity: float = 1.0,
         shadow_version: str | None = None,
         shadow_outputs: Mapping[str, np.ndarray] | None = None,
+        columns: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         """Queue one prediction for the log; never blocks, never raises for a full queue."""
         rate = self._rates.get(model, self._default_rate)
@@ -266,6 +276,7 @@ class PredictionLog:
                 propensity,
                 shadow_version,
                 shadow_outputs,
+                columns,
             )
         )
         if len(pending) >= self._flush_records:
@@ -402,11 +413,39 @@ class PredictionLog:
                 self.write_errors += len(group)
                 continue
             self.written += len(group)
+            self._note_columns(model, group)
             with self._recent_lock:
                 if len(self._recent_ids) > _MAX_RECENT_IDS:  # nobody takes them over: forget, stay bounded
                     self._recent_ids.clear()
                 self._recent_ids.update(r.id for r in group)
         self.flushes += 1
+
+    def _note_columns(self, model: str, group: list[Prediction]) -> None:
+        """Keep `<model>/columns.json` naming the inputs' elements of every version logged (writer thread)."""
+        known = self._columns.get(model)
+        if known is None:
+            known = self._columns[model] = read_columns_file(self.settings.replica_dir / model / COLUMNS_FILE)
+        new = {r.version: {k: list(v) for k, v in r.columns.items()} for r in group if r.columns is not None}
+        if all(known.get(v) == c for v, c in new.items()):
+            return
+        known.update(new)
+        path = self.settings.replica_dir / model / COLUMNS_FILE
+        tmp = path.with_name(f".{COLUMNS_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps({"versions": known}, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as error:  # the names are a convenience: the log itself is written
+            log.warning("prediction log: cannot write %s: %s", path, error)
+
+
+def read_columns_file(path: Path) -> dict[str, Any]:
+    """version -> {input: [element names]} from one columns.json; {} when absent or unreadable."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    versions = doc.get("versions") if isinstance(doc, dict) else None
+    return dict(versions) if isinstance(versions, dict) else {}
 
 
 # -- records -> Arrow ----------------------------------------------------------------------------------
@@ -548,6 +587,7 @@ Recorder = Callable[
         float,
         str | None,
         Mapping[str, np.ndarray] | None,
+        Mapping[str, Sequence[str]] | None,
     ],
     None,
 ]

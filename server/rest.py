@@ -277,7 +277,13 @@ class RestApp:
         if rpc == "ModelConfig":
             return _message(protocol.model_config(self.repository, name, version))
         assert rpc == "ModelMetadata", rpc
-        return _message(protocol.model_metadata(self.repository, name, version))
+        doc = _to_json(protocol.model_metadata(self.repository, name, version))
+        columns = self.repository.get(name, version).columns
+        if columns is not None:
+            # the protocol's metadata has no place for them on gRPC (read the ModelConfig's `columns`
+            # parameter there); the REST answer carries them as a `parameters` object
+            doc["parameters"] = {"columns": columns.as_json()}
+        return _json(200, doc)
 
     @staticmethod
     def _get(call: Call) -> None:

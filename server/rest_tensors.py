@@ -70,9 +70,22 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: st
     timeout_us = _optional(parameters, "timeout", int, "a whole number of microseconds (0: none)", "parameter") or 0
     if timeout_us < 0:
         raise InvalidArgument(f"parameter 'timeout' must be 0 or more microseconds, got {timeout_us}")
+    raw_rows = doc.get("rows")
     raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidArgument("'inputs' must be a non-empty list of tensors (name, shape, datatype, data)")
+    if raw_rows is not None:
+        # rows as JSON objects, for a model that records its columns (server/columns.py)
+        if raw_inputs is not None:
+            raise InvalidArgument("the request has both 'inputs' and 'rows': send one")
+        if not isinstance(raw_rows, list) or not raw_rows:
+            raise InvalidArgument("'rows' must be a non-empty list of JSON objects (column -> value)")
+        if header_length is not None and len(binary):
+            raise InvalidArgument("a request with 'rows' carries no binary tensor data")
+        raw_inputs = []
+    elif not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidArgument(
+            "'inputs' must be a non-empty list of tensors (name, shape, datatype, data), or 'rows' a list of"
+            " JSON objects (column -> value) for a model that records its columns"
+        )
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
@@ -121,6 +134,7 @@ def decode_infer(body: bytes, header_length: int | None, model: str, version: st
         frozenset(binary_outputs),
         binary_all,
         deadline=time.monotonic() + timeout_us / 1e6 if timeout_us else None,
+        rows=raw_rows,
     )
 
 

@@ -66,6 +66,9 @@ class InferRequest:
     classification: dict[str, int]  # output name -> top-k classes asked for (Triton's extension)
     # time.monotonic() past which the request is not run (server/overload.py); None: no deadline
     deadline: float | None = dataclasses.field(default=None, kw_only=True)
+    # REST rows as JSON objects (column -> value) instead of `inputs`; the model's recorded columns turn
+    # them into its tensors (server/columns.py, in inference.py)
+    rows: list[object] | None = dataclasses.field(default=None, kw_only=True)
 
 
 def decode_request(request: pb.ModelInferRequest) -> InferRequest:
