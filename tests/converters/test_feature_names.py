@@ -300,3 +300,56 @@ def test_called_by_column_names_on_every_edge(
     args = ["dataset", "export", "--predlog-dir", str(log_dir), "--model", "tree", "--out", str(out)]
     assert cli([*args, "--engine", "arrow"]) == 0
     assert {"v", "w", "s", "t"} <= set(pq.read_table(out).column_names)
+
+
+def test_the_example_models_take_their_columns_by_name(
+    example_repository: Path, start_gateway: Callable[..., GatewayHandle]
+) -> None:
+    gw = start_gateway(example_repository)
+    flowers = pd.DataFrame(
+        [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]],
+        columns=["sepal_length", "sepal_width", "petal_length", "petal_width"],
+    )
+    with Client(gw.address) as client:
+        by_tensor = client.infer("iris", {"input": flowers.to_numpy(np.float32)})  # existing clients: unchanged
+        by_name = client.infer("iris", flowers)
+        np.testing.assert_array_equal(by_name["label"], by_tensor["label"])
+        np.testing.assert_allclose(by_name["probabilities"], by_tensor["probabilities"], atol=1e-7)
+        assert by_name["label"].tolist() == [0, 2, 1]
+    status, doc = _http(gw, "POST", "/v2/models/iris/infer", {"rows": flowers.to_dict("records")})
+    assert status == 200 and _outputs(doc)["label"] == [0, 2, 1], doc
+    status, meta = _http(gw, "GET", "/v2/models/diabetes")
+    assert [c["name"] for c in meta["parameters"]["columns"]][:4] == ["age", "sex", "bmi", "bp"]
+    row = {"species": "virginica", "sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2}
+    status, doc = _http(gw, "POST", "/v2/models/petal_width/infer", {"rows": [row]})
+    assert status == 200 and 1.5 < _outputs(doc)["prediction"][0] < 2.6, doc
+
+
+def test_a_sample_header_names_the_columns_and_a_bad_record_fails_the_load(
+    tmp_path: Path, start_gateway: Callable[..., GatewayHandle]
+) -> None:
+    import joblib
+    from sklearn.linear_model import LinearRegression
+
+    x = RNG.normal(size=(50, 3))
+    joblib.dump(LinearRegression().fit(x, x @ [1.0, 2.0, 3.0]), tmp_path / "lin.joblib")  # no feature names
+    pd.DataFrame(x, columns=["height", "weight", "width"]).to_csv(tmp_path / "sample.csv", index=False)
+    outcome = convert_to_repository(
+        tmp_path / "lin.joblib", tmp_path / "repo", "lin", sample_path=tmp_path / "sample.csv"
+    )
+    assert outcome.published is not None
+    assert [c["name"] for c in report(outcome.published)["columns"]] == ["height", "weight", "width"]
+    assert report(outcome.published)["inputs"][0]["shape"] == [-1, 3]
+
+    # a columns parameter that does not fit the inputs: the version does not load, and says why
+    broken = tmp_path / "repo" / "lin" / "2"
+    import shutil
+
+    shutil.copytree(outcome.published, broken)
+    text = (broken / "config.pbtxt").read_text().replace('\\"index\\":2', '\\"index\\":7')
+    (broken / "config.pbtxt").write_text(text)
+    gw = start_gateway(tmp_path / "repo")
+    with Client(gw.address) as client, pytest.raises(OnnxgateError) as error:
+        client.infer("lin", {"height": [1.0], "weight": [0.0], "width": [0.0]})
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "config parameter 'columns': column 'width' at index 7 of input 'input' [-1, 3]" in error.value.message
