@@ -425,7 +425,11 @@ class PredictionLog:
         known = self._columns.get(model)
         if known is None:
             known = self._columns[model] = read_columns_file(self.settings.replica_dir / model / COLUMNS_FILE)
-        new = {r.version: {k: list(v) for k, v in r.columns.items()} for r in group if r.columns is not None}
+        given: dict[str, Mapping[str, Sequence[str]]] = {}
+        for r in group:  # one mapping per version (the version's own object): no per-record copies
+            if r.columns is not None and r.version not in given:
+                given[r.version] = r.columns
+        new = {v: {k: list(c) for k, c in columns.items()} for v, columns in given.items()}
         if all(known.get(v) == c for v, c in new.items()):
             return
         known.update(new)

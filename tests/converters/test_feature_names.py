@@ -318,6 +318,14 @@ def test_the_example_models_take_their_columns_by_name(
         assert by_name["label"].tolist() == [0, 2, 1]
     status, doc = _http(gw, "POST", "/v2/models/iris/infer", {"rows": flowers.to_dict("records")})
     assert status == 200 and _outputs(doc)["label"] == [0, 2, 1], doc
+    status, doc = _http(
+        gw, "POST", "/v2/models/iris/infer", {"rows": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]}
+    )
+    assert (status, doc["error"]) == (
+        400,
+        "rows[0]: missing column(s) 'petal_width'; model 'iris' takes the columns sepal_length (number),"
+        " sepal_width (number), petal_length (number), petal_width (number)",
+    )
     status, meta = _http(gw, "GET", "/v2/models/diabetes")
     assert [c["name"] for c in meta["parameters"]["columns"]][:4] == ["age", "sex", "bmi", "bp"]
     row = {"species": "virginica", "sepal_length": 6.7, "sepal_width": 3.0, "petal_length": 5.2}
