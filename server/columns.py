@@ -138,7 +138,10 @@ class Columns:
             return math.nan  # a missing number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidArgument(f"{where}: column {column.name!r} takes a number, got {json.dumps(value)[:60]}")
-        return value
+        try:
+            return float(value)
+        except OverflowError:  # an integer past any float
+            raise InvalidArgument(f"{where}: column {column.name!r}: {str(value)[:40]}... is too large") from None
 
     def _check_names(self, sent: Any, where: str) -> None:
         names = set(sent)

@@ -250,6 +250,7 @@ def test_called_by_column_names_on_every_edge(
         ({"rows": [{"v": 1.0, "w": 2.0, "s": 3.0, "t": 4.0, "x": 0}]}, "unknown column(s) 'x'"),
         ({"rows": [{"v": "high", "w": 2.0, "s": 3.0, "t": 4.0}]}, "column 'v' takes a number"),
         ({"rows": [1, 2]}, "rows[0] must be a JSON object"),
+        ({"rows": [{"v": 10**400, "w": 2.0, "s": 3.0, "t": 4.0}]}, "column 'v': 1000000"),
         ({"rows": []}, "'rows' must be a non-empty list"),
         ({"rows": [{"v": 1}], "inputs": []}, "both 'inputs' and 'rows'"),
         (
@@ -356,7 +357,13 @@ def test_a_sample_header_names_the_columns_and_a_bad_record_fails_the_load(
     shutil.copytree(outcome.published, broken)
     text = (broken / "config.pbtxt").read_text().replace('\\"index\\":2', '\\"index\\":7')
     (broken / "config.pbtxt").write_text(text)
+    plain = convert_to_repository(tmp_path / "lin.joblib", tmp_path / "repo", "plain")  # no names anywhere
+    assert plain.published is not None and report(plain.published)["columns"] is None
+    assert "columns" not in config(plain.published).parameters
     gw = start_gateway(tmp_path / "repo")
+    status, doc = _http(gw, "POST", "/v2/models/plain/infer", {"rows": [{"a": 1.0}]})
+    assert status == 400 and "records no column names, so it cannot take 'rows'" in doc["error"], doc
+    assert "input FP32 [-1, 3]" in doc["error"]
     with Client(gw.address) as client, pytest.raises(OnnxgateError) as error:
         client.infer("lin", {"height": [1.0], "weight": [0.0], "width": [0.0]})
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
