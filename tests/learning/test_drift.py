@@ -30,6 +30,8 @@ from onnxgate.server.predlog import PredictionLog
 from onnxgate.server.segments import SkipList
 from tests.predlog.helpers import settings
 
+pytestmark = pytest.mark.wall_clock
+
 MODEL = "shop"
 X_COLUMNS = ["length", "width", "height", "weight"]
 MAPPING = {"x": X_COLUMNS, "color": ["colour"]}

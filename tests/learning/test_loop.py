@@ -240,7 +240,10 @@ def test_input_drift_is_measured_without_labels_and_triggers_a_retrain(
     psi = learner.registry.get_sample_value("onnxgate_drift_psi", {"model": "m", "version": "1", "feature": "x2"})
     assert psi is not None and psi > 1.0
     assert (
-        onnxgate(["models", "show", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]) == 0
+        onnxgate(
+            ["models", "show", "--model", "m", "--model-repository", str(repo), "--predlog-dir", str(tmp_path / "log")]
+        )
+        == 0
     )
     shown = capsys.readouterr().out.splitlines()
     assert next(line for line in shown if line.startswith("x2")).split()[1] == "ks"

@@ -22,6 +22,8 @@ from onnxgate.server.cli import main
 from onnxgate.server.feedback import SCHEMA as FEEDBACK_SCHEMA
 from onnxgate.server.logfiles import LogFiles
 
+pytestmark = pytest.mark.wall_clock
+
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
 CLASSES = 3
 
@@ -190,7 +192,10 @@ def test_replay_scores_the_candidates_onnx_file_on_logged_inputs(tmp_path: Path)
 
 def test_the_command_prints_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _split_log(tmp_path, n=400)
-    assert main(["evaluate", "--model", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--resamples", "200"]) == 0
+    assert (
+        main(["evaluate", "--model", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--resamples", "200"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "estimator" in out and "snips" in out and "observed" in out
     assert main(["evaluate", "--model", "m", "--candidate", "2", "--predlog-dir", str(tmp_path), "--json"]) == 0

@@ -25,7 +25,9 @@ N = 40
 
 
 def _export(log_dir: Path, out: Path, *extra: str) -> list[dict[str, object]]:
-    assert cli(["dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax", "--out", str(out), *extra]) == 0
+    assert (
+        cli(["dataset", "export", "--predlog-dir", str(log_dir), "--model", "argmax", "--out", str(out), *extra]) == 0
+    )
     return sorted(pq.read_table(out).to_pylist(), key=lambda r: int(str(r["prediction_id"])[1:]))
 
 

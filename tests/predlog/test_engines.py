@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from onnxgate.server import logquery
 from onnxgate.server.dataset import arrow_report, build_table, joined_rows
@@ -23,6 +24,8 @@ from onnxgate.server.predlog import PredictionLog
 from tests.conftest import GatewayHandle
 from tests.predlog.e2e_helpers import Clients, argmax_repository, features
 from tests.predlog.helpers import record_iris, settings, wait_for
+
+pytestmark = pytest.mark.wall_clock
 
 
 def arrow_export(log_dir: Path, model: str, **kw: object) -> pa.Table:

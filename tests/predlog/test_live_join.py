@@ -15,6 +15,8 @@ from onnxgate.server.join import Joiner
 from onnxgate.server.predlog import PredictionLog
 from tests.predlog.helpers import record_iris, settings
 
+pytestmark = pytest.mark.wall_clock
+
 
 @pytest.fixture
 def now() -> datetime:

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from onnxgate.server.segments import SegmentWriter, parquet_max_ts
+
+pytestmark = pytest.mark.wall_clock
 
 TS = pa.timestamp("us", tz="UTC")
 
