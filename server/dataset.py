@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from onnxgate.server import logquery
 from onnxgate.server.feedback import read_feedback
-from onnxgate.server.feedback_order import Row
+from onnxgate.server.feedback_order import FeedbackIndex, Row
 from onnxgate.server.join import Joined, dedupe_feedback, join, primary_output, read_predictions
 from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.predlog import COLUMNS_FILE, INPUT_PREFIX, OUTPUT_PREFIX, SHAPE_SUFFIX, read_columns_file
@@ -221,7 +221,8 @@ def arrow_report(
 ) -> logquery.Report:
     """logquery.report computed by the pure-pyarrow path (the reference; FeedbackReport's semantics)."""
     skipped: SkipList = {}
-    view = dedupe_feedback(read_feedback(log_dir, skipped))
+    feedback = read_feedback(log_dir, skipped)
+    view = dedupe_feedback(feedback)
     predictions = read_predictions(log_dir, with_inputs=False, skipped=skipped)
     j = join(predictions, view, unknown_after_s=unknown_after_s, now=now)
     n_predictions = j.predictions
@@ -233,9 +234,13 @@ def arrow_report(
         return [i for i in ids if not model or view.latest[i]["model"] in ("", model)]
 
     pending, unknown = of_model(j.pending), of_model(j.unknown)
+    distinct = view.distinct
+    if model:  # the messages of the ids this report counts (the dedupe rule works within one id)
+        mine = {p["id"] for p, _ in j.rows if p["model"] == model} | set(pending) | set(unknown)
+        distinct = FeedbackIndex.of([r for r in feedback.to_pylist() if r["prediction_id"] in mine]).distinct
     return logquery.Report(
         predictions=n_predictions,
-        feedback=view.distinct,
+        feedback=distinct,
         duplicates=view.duplicates,
         joined=sum(1 for p, _ in j.rows if not model or p["model"] == model),
         pending=len(pending),

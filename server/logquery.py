@@ -124,7 +124,7 @@ class Report:
     """What `onnxgate dataset report` prints and FeedbackReport answers (one model's share when given)."""
 
     predictions: int  # distinct prediction ids (of the model)
-    feedback: int  # distinct feedback messages, all models
+    feedback: int  # distinct feedback messages (of the model: joined to its predictions, or pending as below)
     duplicates: int
     joined: int  # predictions (of the model) with feedback
     pending: int  # feedback (of the model, or of no model) waiting for its prediction
@@ -202,8 +202,9 @@ def report(
     threads: int = DEFAULT_THREADS,
 ) -> Report:
     """Counts of the join over every replica's files, exact (FeedbackReport's semantics: with a model,
-    its predictions, its joined rows, and the pending/unknown feedback naming it or no model; feedback,
-    duplicates, reused ids and unreadable files are the whole log's)."""
+    its predictions, its joined rows, the pending/unknown feedback naming it or no model, and the distinct
+    feedback messages of those prediction ids; duplicates, reused ids and unreadable files are the whole
+    log's)."""
     now = time.time() if now is None else now
     skipped: SkipList = {}
     with connect(memory_limit, threads) as con:
@@ -221,6 +222,8 @@ def report(
             "SELECT prediction_id, ts, coalesce(model, '') AS model FROM latest "
             "WHERE prediction_id NOT IN (SELECT id FROM matched) ORDER BY prediction_id"
         ).to_arrow_table()
+        if model:
+            distinct = _distinct_of_model(con, model)
     pending: list[str] = []
     unknown: list[str] = []
     for pid, ts, fb_model in zip(*(waiting[c].to_pylist() for c in ("prediction_id", "ts", "model")), strict=True):
@@ -238,6 +241,26 @@ def report(
         reused_ids=int(reused),
         unreadable={str(p): why for p, why in skipped.items()},
     )
+
+
+def _distinct_of_model(con: Any, model: str) -> int:
+    """The distinct feedback messages of the prediction ids a model's report counts: those joined to its
+    predictions, and those waiting that name it or no model. The rule that dedupes messages works within
+    one prediction id, so a subset of ids is counted exactly as the whole log is."""
+    con.execute(
+        "CREATE TEMP TABLE mine AS SELECT id AS prediction_id FROM matched WHERE model = ? "
+        "UNION SELECT prediction_id FROM latest WHERE prediction_id NOT IN (SELECT id FROM matched) "
+        "AND coalesce(model, '') IN ('', ?)",
+        [model, model],
+    )
+    [(kept,)] = con.execute(
+        "SELECT count(*) FROM marked WHERE _kept AND prediction_id IN (SELECT prediction_id FROM mine) "
+        "AND prediction_id NOT IN (SELECT prediction_id FROM sequential)"
+    ).fetchall()
+    rows = con.sql(
+        "SELECT * FROM sequential_rows WHERE prediction_id IN (SELECT prediction_id FROM mine)"
+    ).to_arrow_table()
+    return int(kept) + FeedbackIndex.of(rows.to_pylist()).distinct
 
 
 # -- inputs ------------------------------------------------------------------------------------------------
@@ -274,6 +297,7 @@ def feedback_truth(con: Any, log: LogFiles, skipped: SkipList) -> tuple[int, int
         "SELECT * EXCLUDE (_ord) FROM feedback WHERE prediction_id IN (SELECT prediction_id FROM sequential) "
         "ORDER BY _ord"
     ).to_arrow_table()
+    con.register("sequential_rows", rows)  # the report of one model counts its ids' messages again
     index = FeedbackIndex.of(rows.to_pylist())
     by_rule = pa.Table.from_pylist(list(index.latest.values()), schema=FEEDBACK_SCHEMA).select(LATEST_COLUMNS)
     con.register("latest_sequential", by_rule)

@@ -206,3 +206,33 @@ def test_duckdb_equals_arrow_on_gateway_logs(start_gateway: Callable[..., Gatewa
     assert_same_reports(log_dir, ["argmax"], now, unknown_after_s=0)
     assert table.num_rows == 30 and table.column_names[-3:] == ["reward", "feedback_id", "feedback_at"]
     assert logquery.report(LogFiles.at(log_dir), unknown_after_s=0, now=now).duplicates == 10
+
+
+def test_a_models_report_counts_its_own_feedback_not_every_models(tmp_path: Path) -> None:
+    """Three models with 1,500 labelled predictions each: each model's report says 1,500 feedback messages
+    (it said 4,500, the whole log's), and the report without a model says 4,500. Feedback naming no model
+    is counted for the model whose prediction it joins, and while pending, in every model's report."""
+    s = settings(tmp_path, "r1")
+    log, store = PredictionLog(s), FeedbackStore(s)
+    models = ["a", "b", "c"]
+    for i in range(1500):
+        for model in models:
+            record_iris(log, f"{model}{i}", [i, 0, 0, 0], i % 3, model=model)
+    assert log.flush()
+    answers = [
+        store.submit(make_record(f"{model}{i}", model=model if i % 2 else "", label=str(i % 3)))
+        for i in range(1500)
+        for model in models
+    ]
+    answers.append(store.submit(make_record("ghost", label="1")))  # no model, never predicted: pending
+    answers.append(store.submit(make_record("ghost-c", model="c", label="1")))
+    answers.append(store.submit(make_record("a7", label="2")))  # a correction of a's a7
+    for answer in answers:
+        answer.result(10)
+    now = time.time() + 1
+    reports = {m: logquery.report(LogFiles.at(tmp_path), m, unknown_after_s=3600, now=now) for m in ["", *models]}
+    assert {m: r.feedback for m, r in reports.items()} == {"": 4503, "a": 1502, "b": 1501, "c": 1502}
+    assert {m: r.joined for m, r in reports.items()} == {"": 4500, "a": 1500, "b": 1500, "c": 1500}
+    assert_same_reports(tmp_path, models, now, unknown_after_s=3600)
+    log.close()
+    store.close()
