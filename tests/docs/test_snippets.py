@@ -1,4 +1,5 @@
-"""The documentation's code, run: every fenced block of README.md and docs/**/*.md, one test per block.
+"""The documentation's code, run: every fenced block of README.md, CONTRIBUTING.md and docs/**/*.md, one test
+per block.
 
 Blocks in bash/sh/shell/console run through `bash -euo pipefail`, python through this interpreter, js
 through `node`, go through `go run` (when a Go toolchain is installed), each in a fresh working directory
@@ -40,7 +41,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 SHELL = {"bash", "sh", "shell", "console"}
 PYTHON = {"python", "py", "python3"}
