@@ -1,16 +1,26 @@
 """Write a converted model as the next version of `<repository>/<name>/`, atomically.
 
-Everything is written into a hidden directory beside the versions (`.tmp-<uuid>`, which the gateway
-ignores because its name is not a number), flushed to disk, then renamed to the version number in
-one `rename(2)`: a gateway polling the repository sees either no new version or a complete one.
+Everything is written into a hidden directory beside the versions (`.tmp-<pid>-<uuid>-<host>`, which
+the gateway ignores because its name is not a number), flushed to disk, then renamed to the version
+number in one `rename(2)`: a gateway polling the repository sees either no new version or a complete one.
+
+A process killed while it writes (SIGKILL, a power cut) cannot remove its hidden directory; the next
+publish into the model directory does, and so does `onnxgate learn` at each pass (`remove_leftovers`):
+a directory whose writer is gone (its pid on this host no longer runs, or is this process's own pid
+without this process writing it), or that is older than STALE_S (a writer on another host, or a name
+without a pid), is removed. A live writer's directory stays.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +46,63 @@ LABELS_FILE = "labels.txt"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _RENAME_ATTEMPTS = 20
+STAGING_PREFIX = ".tmp-"
+# A hidden directory not known to be a live writer's is a dead run's once it is this old (a publish
+# writes for seconds; one an hour old whose writer cannot be asked, on another host, is not running)
+STALE_S = 3600.0
+
+log = logging.getLogger(__name__)
+_writing: set[str] = set()  # this process's hidden directories being written now
+_writing_lock = threading.Lock()
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _staging_name() -> str:
+    return f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-{_host()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _leftover(path: Path, now: float) -> bool:
+    """Whether a hidden directory is a dead run's (see the module's docstring)."""
+    pid, _, rest = path.name.removeprefix(STAGING_PREFIX).partition("-")
+    _, _, host = rest.partition("-")
+    if pid.isascii() and pid.isdigit() and host == _host():
+        if int(pid) == os.getpid():
+            with _writing_lock:
+                return path.name not in _writing
+        return not _alive(int(pid))
+    try:
+        return now - path.stat().st_mtime > STALE_S
+    except OSError:
+        return False  # gone already
+
+
+def remove_leftovers(model_dir: Path) -> list[str]:
+    """Remove the hidden directories of publishes that died in `model_dir`; returns their names."""
+    try:
+        entries = [p for p in Path(model_dir).iterdir() if p.name.startswith(STAGING_PREFIX)]
+    except OSError:
+        return []
+    now = time.time()
+    removed = []
+    for path in entries:
+        if path.is_dir() and not path.is_symlink() and _leftover(path, now):
+            log.warning("removing %s, a publish that a stopped process left unfinished", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def _data_type(datatype: str) -> int:
@@ -141,7 +208,25 @@ def publish(
         raise ConversionError(f"model name {name!r}: use letters, digits, '_', '-' and '.', not starting with '.'")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = model_dir / f".tmp-{uuid.uuid4().hex}"
+    remove_leftovers(model_dir)
+    staging = model_dir / _staging_name()
+    with _writing_lock:
+        _writing.add(staging.name)
+    try:
+        return _publish(model_dir, staging, name, conversion, report, extra)
+    finally:
+        with _writing_lock:
+            _writing.discard(staging.name)
+
+
+def _publish(
+    model_dir: Path,
+    staging: Path,
+    name: str,
+    conversion: Conversion,
+    report: dict[str, Any],
+    extra: Mapping[str, bytes | Path] | None,
+) -> Path:
     staging.mkdir()
     try:
         _write(staging / MODEL_FILE, conversion.model.SerializeToString())
