@@ -150,16 +150,23 @@ class Window:
     base_rows: int
 
 
-def candidate_windows(record: TrainingRecord, feedback: Labelled, *, half_life_fraction: float = 0.25) -> list[Window]:
-    """base + feedback; feedback only; the newest half, quarter and eighth of the feedback (each when it
-    holds MIN_WINDOW_ROWS rows and two classes or values to fit); base + feedback with weights halving every `half_life_fraction` of the feedback's
-    time span into the past (base rows weigh as the oldest feedback)."""
+def candidate_windows(
+    record: TrainingRecord, feedback: Labelled, *, since: int | None = None, half_life_fraction: float = 0.25
+) -> list[Window]:
+    """base + feedback; feedback only; the rows since a detected change (row `since` on: learning/change.py);
+    the newest half, quarter and eighth of the feedback (each when it holds MIN_WINDOW_ROWS rows and two
+    classes or values to fit); base + feedback with weights halving every `half_life_fraction` of the
+    feedback's time span into the past (base rows weigh as the oldest feedback)."""
     base_X, base_y = record.base_data()
     both_X = pd.concat([base_X, feedback.X], ignore_index=True)
     both_y = pd.concat([base_y.astype(feedback.y.dtype) if len(feedback) else base_y, feedback.y], ignore_index=True)
     windows = [Window("base+feedback", both_X, both_y, None, len(feedback), len(base_y))]
     if len(feedback) and feedback.y.nunique() >= 2:
         windows.append(Window("feedback", feedback.X, feedback.y, None, len(feedback), 0))
+    if since is not None and 0 < since < len(feedback):
+        recent = feedback.rows(slice(since, len(feedback)))
+        if len(recent) >= MIN_WINDOW_ROWS and recent.y.nunique() >= 2:
+            windows.append(Window("since the change", recent.X, recent.y, None, len(recent), 0))
     for share in (2, 4, 8):  # after an abrupt change only the newest rows hold the new concept: how many,
         newest = feedback.rows(slice(len(feedback) - len(feedback) // share, len(feedback)))  # validation says
         if len(newest) >= MIN_WINDOW_ROWS and newest.y.nunique() >= 2:

@@ -1,12 +1,21 @@
 """`onnxgate retrain --model NAME`: one retrain of a served model from its own traffic, and one decision.
 
-    labelled rows (the log's join) -> time split: train | validation | test (the newest)
-      -> a challenger per candidate window (base + feedback, feedback only, recency-weighted), trained by
-         the model's recipe in its own ecosystem, converted with the parity check
+    labelled rows (the log's join) -> the newest change in the champion's per-row loss (learning/change.py)
+      -> time split: train | validation | test (the newest); after a change, validation and test are
+         rows since the change, so the window is chosen and judged on the concept the model meets now
+      -> a challenger per candidate window (base + feedback, feedback only, since the change, the newest
+         shares, recency-weighted), trained by the model's recipe in its own ecosystem, converted with the
+         parity check
       -> the best on the validation slice, trained again on train + validation
       -> champion and challenger scored with onnxruntime on their ONNX files on the test slice
-      -> promoted only when better by the margin AND significantly so (learning/stats.py); else nothing
+      -> promoted only when better by the margin AND significantly so at this look's share of alpha
+         (learning/stats.py); else nothing
     every run: a decision appended to <model>/decisions.jsonl and printed
+
+Repeated looks: every run against the same champion is another chance to promote noise, so each spends
+a share of one error budget: look k (k = 1 + the decided runs against this champion) tests at
+alpha / (k (k + 1)), and the shares sum to alpha over any number of runs. The margin is a real effect
+size by default (2 accuracy points; for regressors, 2% of the champion's mean squared error).
 
 Nothing is written into the repository until the decision is to promote: challengers are trained and
 converted in a temporary directory, and the new version is written aside and renamed into place, so a
@@ -29,7 +38,16 @@ import numpy as np
 
 from onnxgate.converters.publish import versions
 from onnxgate.learning import decisions
-from onnxgate.learning.data import Labelled, NotEnoughData, candidate_windows, concat, feedback_rows, time_split
+from onnxgate.learning.change import Change, newest_change, row_losses
+from onnxgate.learning.data import (
+    Labelled,
+    NotEnoughData,
+    Split,
+    candidate_windows,
+    concat,
+    feedback_rows,
+    time_split,
+)
 from onnxgate.learning.decisions import FAILED, MODEL_CARD_FILE, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
 from onnxgate.learning.evaluate import CLASSIFICATION, compare, predict, same_label
 from onnxgate.learning.recipes import convert_checked, publish_version, retrain_native
@@ -44,8 +62,10 @@ log = logging.getLogger(__name__)
 class Rule:
     """When a challenger is promoted (and how it is trained)."""
 
-    margin: float = 0.0  # the challenger's metric must beat the champion's by at least this
-    alpha: float = 0.05  # ... and the one-sided p-value of the paired test must be below this
+    # the least improvement worth a version: accuracy points for classifiers; for regressors a share of the
+    # champion's mean squared error (0.02: 2% less). The observed improvement must reach it.
+    margin: float = 0.02
+    alpha: float = 0.05  # the error budget over all runs against one champion (see the module's docstring)
     min_rows: int = 100  # labelled rows needed at all (train + validation + test)
     test_fraction: float = 0.25
     validation_fraction: float = 0.25
@@ -85,15 +105,17 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
     champion = champion_version(model_dir)
     record = TrainingRecord.load(model_dir / champion)
     labelled = feedback_rows(logfiles, name, record)
-    split = time_split(
-        labelled, test_fraction=rule.test_fraction, validation_fraction=rule.validation_fraction, min_rows=rule.min_rows
-    )
+    change = _newest_change(record, model_dir / champion, labelled)
+    split = _split(labelled, change, rule)
+    since = None if change is None else change.index  # where the new regime starts in split.train
     rows = {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)}
+    if change is not None:
+        rows |= {"change_at_row": change.index, "since_change": len(labelled) - change.index}
     with tempfile.TemporaryDirectory(prefix=f"onnxgate-retrain-{name}-") as tmp:
         work = Path(tmp)
         candidates = [
             _candidate(record, window, split.validation, work / f"w{i}", rule)
-            for i, window in enumerate(candidate_windows(record, split.train))
+            for i, window in enumerate(candidate_windows(record, split.train, since=since))
         ]
         usable = [c for c in candidates if c["score"] is not None]
         if not usable:
@@ -109,7 +131,9 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
         best = max(usable, key=lambda c: c["score"])
         # the chosen window again, on every row before the test slice
         final_window = next(
-            w for w in candidate_windows(record, concat(split.train, split.validation)) if w.name == best["window"]
+            w
+            for w in candidate_windows(record, concat(split.train, split.validation), since=since)
+            if w.name == best["window"]
         )
         native = retrain_native(
             record,
@@ -132,16 +156,27 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
                 rows=rows,
             )
         test = _paired(record, model_dir / champion, conversion.model.SerializeToString(), split.test, rule)
+        look = 1 + _looks(model_dir, champion)
+        alpha = rule.alpha / (look * (look + 1))
+        margin = rule.margin if record.task == CLASSIFICATION else rule.margin * test.champion
         # min_rows was enforced on all labelled rows (time_split); the test slice is a share of them
-        verdict = decide(test, margin=rule.margin, alpha=rule.alpha, min_rows=1)
+        verdict = decide(test, margin=margin, alpha=alpha, min_rows=1)
+        evaluation = {**test.as_dict(), "look": look, "alpha_budget": rule.alpha, "alpha": alpha, "margin": margin}
+        if change is not None:
+            evaluation["change"] = change.as_dict()
+        reason = verdict.reason + (
+            f"; look {look} against version {champion}, alpha {rule.alpha:g} / {look * (look + 1)}"
+        )
+        if change is not None:
+            reason += f"; chosen and judged on the rows since {change.describe()}"
         if verdict.outcome != "promote":
             return Decision(
                 name,
                 REJECTED,
-                verdict.reason,
+                reason,
                 champion,
                 window=best["window"],
-                test=test.as_dict(),
+                test=evaluation,
                 candidates=candidates,
                 rows=rows,
             )
@@ -155,13 +190,13 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
             "rows": {**rows, "window_feedback": final_window.feedback_rows, "window_base": final_window.base_rows},
             "feedback_from": str(split.train.at.min()) if len(split.train) else None,
             "feedback_to": str(split.validation.at.max()) if len(split.validation) else None,
-            "evaluation": test.as_dict(),
+            "evaluation": evaluation,
             "rule": {"margin": rule.margin, "alpha": rule.alpha, "min_rows": rule.min_rows},
             "parity": {
                 k: v for k, v in report.get("parity", {}).items() if k in ("passed", "rows", "sample", "tolerance")
             },
             "decision": PROMOTED,
-            "reason": verdict.reason,
+            "reason": reason,
             "at": time.time(),
         }
         card_json = json.dumps(card, indent=1, sort_keys=True, default=str).encode()
@@ -171,13 +206,49 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
     return Decision(
         name,
         PROMOTED,
-        verdict.reason,
+        reason,
         champion,
         version=directory.name,
         window=best["window"],
-        test=test.as_dict(),
+        test=evaluation,
         candidates=candidates,
         rows=rows,
+    )
+
+
+def _newest_change(record: TrainingRecord, champion_dir: Path, labelled: Labelled) -> Change | None:
+    """The newest change in the champion's loss over the labelled rows (all of them, oldest first)."""
+    if not len(labelled):
+        return None
+    predicted = predict(champion_dir / "model.onnx", record.inputs_from_features(labelled.X))
+    return newest_change(row_losses(record.task, predicted, labelled.y.to_numpy()))
+
+
+def _split(labelled: Labelled, change: Change | None, rule: Rule) -> Split:
+    """train | validation | test by time; after a change, validation and test come from the rows since it
+    (the training pool keeps every older row: the windows decide what to train on)."""
+
+    def split(rows: Labelled) -> Split:
+        return time_split(
+            rows, test_fraction=rule.test_fraction, validation_fraction=rule.validation_fraction, min_rows=rule.min_rows
+        )
+
+    if change is None:
+        return split(labelled)
+    recent = labelled.rows(slice(change.index, len(labelled)))
+    try:
+        held = split(recent)
+    except NotEnoughData as e:
+        raise NotEnoughData(f"{change.describe()}; since the change: {e}") from None
+    return Split(concat(labelled.rows(slice(0, change.index)), held.train), held.validation, held.test)
+
+
+def _looks(model_dir: Path, champion: str) -> int:
+    """Runs already decided (rejected or promoted) against this champion: each spent a share of alpha."""
+    return sum(
+        1
+        for d in decisions.read(model_dir)
+        if d.get("champion") == champion and d.get("outcome") in (REJECTED, PROMOTED)
     )
 
 
