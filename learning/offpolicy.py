@@ -6,7 +6,7 @@ prediction log alone, side by side with what the served versions scored.
 
 The labelled rows are the export's (logquery.export_table: each prediction's truth by the feedback rule);
 each row's routing is read from its prediction segment (`route`, `propensity`, `shadow_version`,
-`shadow.output.<name>`: docs/log-table.md). The estimators:
+`shadow.output.<name>`: docs/reference/log-table.md). The estimators:
 
 - **observed**: each served version's quality on the rows it answered (Wilson interval for accuracy,
   a seeded bootstrap for MSE). Biased as an estimate of a version on *all* traffic when the routing

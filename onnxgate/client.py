@@ -7,7 +7,7 @@
         result["label"], result.id                     # numpy arrays by output name; the prediction id
         client.send_feedback(result.id, label="0")     # ground truth for that prediction
 
-Over TLS, with a bearer token (README "Security"):
+Over TLS, with a bearer token (docs/guides/security.md):
 
     Client("gateway:8001", tls=TLS(root_certificates="ca.pem"), token=open("token").read().strip())
     Client("gateway:8001", tls=TLS("ca.pem", certificate_chain="client.pem", private_key="client.key"))  # mTLS

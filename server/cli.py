@@ -120,7 +120,9 @@ def _add_subcommand(sub: Any, name: str, module: str, help_text: str, *, configu
     try:
         mod = importlib.import_module(module)
     except ImportError as e:  # an optional part of onnxgate whose libraries are not installed
-        parser.error(f"{e}; install the extra this command needs (see README: `pip install 'onnxgate[...]'`)")
+        parser.error(
+            f"{e}; install the extra this command needs (docs/getting-started.md: `pip install 'onnxgate[...]'`)"
+        )
     mod.configure_parser(parser)
     parser.set_defaults(run=mod.run)
 
@@ -170,7 +172,7 @@ def _refuse(problems: list[str]) -> int:
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when chosen, or with `auto` where it is installed; None: asyncio's own. grpc.aio's I/O
-    runs on this loop: uvloop's is cheaper per request (docs/profile.md)."""
+    runs on this loop: uvloop's is cheaper per request (docs/explanation/profile.md)."""
     if choice == "asyncio":
         return None
     try:
@@ -207,7 +209,7 @@ async def _run(settings: Settings, root: Path) -> int:
     # What start-up made (modules, the models' sessions, the example's training data) lives as long as
     # the process: frozen out of the collector, a full collection no longer walks it. With the prediction
     # log on, records in flight reach the oldest generation and trigger full collections: measured ~48 ms
-    # each (the loop paused) before, ~1.5 ms after (docs/profile.md).
+    # each (the loop paused) before, ~1.5 ms after (docs/explanation/profile.md).
     gc.freeze()
     # one machine-readable line: tests and scripts started with --grpc-port 0 read the ports from it
     print(

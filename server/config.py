@@ -47,7 +47,7 @@ class Settings:
         default=8000, metadata={"help": "HTTP/REST port of the same protocol (0: any free port, -1: off)"}
     )
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus /metrics port (0: any free port, -1: off)"})
-    # access control (server/auth.py, README "Security")
+    # access control (server/auth.py, docs/guides/security.md)
     tls_cert_file: Path | None = field(
         default=None, metadata={"help": "PEM certificate chain: TLS on the gRPC and HTTP/REST ports (with the key)"}
     )
@@ -134,7 +134,7 @@ class Settings:
         default="auto",
         metadata={
             "help": "the serving process's event loop: uvloop, asyncio, or auto (uvloop where it is installed;"
-            " ~10% more gRPC requests/s than asyncio's, docs/profile.md)"
+            " ~10% more gRPC requests/s than asyncio's, docs/explanation/profile.md)"
         },
     )
     # the prediction log and feedback (server/predlog.py): off unless predlog_dir is set

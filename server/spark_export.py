@@ -8,7 +8,7 @@ print(os.path.dirname(pyspark.__file__))')" PYSPARK_PYTHON="$(which python)"` fi
 spark-submit looks for Spark with the system python3; checked with `--master 'local[2]'`.)
 
 It writes exactly the rows and columns of the DuckDB path (server/logquery.py; the columns are listed in
-docs/log-table.md), as a directory of Parquet part files ordered by (predicted_at, prediction_id), from
+docs/reference/log-table.md), as a directory of Parquet part files ordered by (predicted_at, prediction_id), from
 the same layout:
 - the driver lists the files with LogFiles and checks the rolled segments' Parquet footers (an
   unreadable file is skipped and named, as by the other engines);

@@ -214,7 +214,7 @@ def _requirements(block: Block) -> None:
             if shutil.which(need[4:]) is None:
                 pytest.skip(f"{need[4:]} is not installed")
         else:
-            pytest.importorskip(need, reason=f"{need} is not installed (its extra: see README, Install)")
+            pytest.importorskip(need, reason=f"{need} is not installed (its extra: docs/getting-started.md, Install)")
 
 
 def _data_files(block: Block, workdir: Path) -> None:
