@@ -16,10 +16,12 @@ statistic, and the p-value is reported for reading.
 from __future__ import annotations
 
 import heapq
+import io
 import math
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -30,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from scipy import stats as sps
 
+from onnxgate.learning.training import TrainingRecord
 from onnxgate.server.logfiles import LogFiles, Segment
 from onnxgate.server.predlog import INPUT_PREFIX, PREDICTIONS, SHAPE_SUFFIX
 from onnxgate.server.segments import SkipList
@@ -42,6 +45,8 @@ PSI_BINS = 10
 # Floor of a bin's share before the log in PSI: an empty bin on one side would make it infinite; 1e-4 is
 # the customary value (small against any share a 10-bin histogram of a real sample has).
 PSI_EPSILON = 1e-4
+REFERENCE_FILE = "drift_reference.parquet"
+REFERENCE_ROWS = 10_000  # PSI over 10 bins and the KS statistic are steady long before this
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,38 @@ def live_features(
     return _flatten(table, max_rows, columns or {})
 
 
+def reference_files(
+    X: pd.DataFrame, weight: np.ndarray | None = None, *, max_rows: int = REFERENCE_ROWS, seed: int = 0
+) -> dict[str, bytes]:
+    """The drift reference of a version trained on the rows X (with sample weights `weight`), as the
+    extra file of its publish: {REFERENCE_FILE: Parquet bytes}. At most `max_rows` rows, a seeded sample;
+    with weights, drawn with replacement in proportion to them, so that it looks like what the model
+    learnt (a recency-weighted window's old rows count as little as they weighed)."""
+    n = len(X)
+    rng = np.random.default_rng(seed)
+    w = None if weight is None else np.clip(np.asarray(weight, dtype=np.float64), 0.0, None)
+    if w is not None and n and w.sum() > 0:  # weighted: rows drawn by weight (with replacement)
+        rows = np.sort(rng.choice(n, size=min(n, max_rows), replace=True, p=w / w.sum()))
+    elif n > max_rows:
+        rows = np.sort(rng.choice(n, size=max_rows, replace=False))
+    else:
+        rows = np.arange(n)
+    sample = X.iloc[rows].reset_index(drop=True)
+    buffer = io.BytesIO()
+    sample.to_parquet(buffer, index=False)
+    return {REFERENCE_FILE: buffer.getvalue()}
+
+
+def reference_of(version_dir: Path, record: TrainingRecord) -> pd.DataFrame:
+    """The rows a version's live inputs are compared with: its drift reference when it keeps one, else
+    its training record's base data (the model's training columns, as the log's rows are named)."""
+    path = Path(version_dir) / REFERENCE_FILE
+    if path.is_file():
+        return record.features(pd.read_parquet(path))
+    base_X, _ = record.base_data()
+    return base_X
+
+
 class DriftCollector(Collector):
     """`onnxgate_drift_psi{model,version,feature}`, `onnxgate_drift_statistic{model,version,feature,test}` and
     `onnxgate_drift_p_value{model,version,feature,test}` from the latest values given to `update`, read at
@@ -176,6 +213,18 @@ class DriftCollector(Collector):
         """Stop exporting a version (a version retired), or every version of a model (None)."""
         with self._lock:
             for key in [k for k in self._latest if k[0] == model and (version is None or k[1] == version)]:
+                del self._latest[key]
+
+    def keep_only(self, model: str, version: str) -> None:
+        """Stop exporting every version of `model` but `version` (the others were retired)."""
+        with self._lock:
+            for key in [k for k in self._latest if k[0] == model and k[1] != version]:
+                del self._latest[key]
+
+    def keep_models(self, models: set[str]) -> None:
+        """Stop exporting the models not in `models` (gone from the repository)."""
+        with self._lock:
+            for key in [k for k in self._latest if k[0] not in models]:
                 del self._latest[key]
 
     def collect(self) -> Iterator[Metric]:
@@ -391,10 +440,14 @@ __all__ = [
     "NUMERIC",
     "PSI_BINS",
     "PSI_EPSILON",
+    "REFERENCE_FILE",
+    "REFERENCE_ROWS",
     "DriftCollector",
     "FeatureDrift",
     "categorical_drift",
     "feature_drift",
     "live_features",
     "numeric_drift",
+    "reference_files",
+    "reference_of",
 ]
