@@ -49,6 +49,7 @@ from onnxgate.learning.data import (
     time_split,
 )
 from onnxgate.learning.decisions import FAILED, MODEL_CARD_FILE, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
+from onnxgate.learning.drift import reference_files
 from onnxgate.learning.evaluate import CLASSIFICATION, compare, predict, same_label
 from onnxgate.learning.recipes import convert_checked, publish_version, retrain_native
 from onnxgate.learning.stats import decide
@@ -200,9 +201,8 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
             "at": time.time(),
         }
         card_json = json.dumps(card, indent=1, sort_keys=True, default=str).encode()
-        directory = publish_version(
-            model_dir.parent, name, conversion, report, native, record, {MODEL_CARD_FILE: card_json}
-        )
+        extra = {MODEL_CARD_FILE: card_json, **reference_files(final_window.X, final_window.weight, seed=rule.seed)}
+        directory = publish_version(model_dir.parent, name, conversion, report, native, record, extra)
     return Decision(
         name,
         PROMOTED,
