@@ -4,13 +4,19 @@
     <repository>/<model>/<version>/model_card.json   lineage of a version the loop published
 
 The gateway ignores both (only numeric directories are versions). A decision is recorded whatever the
-outcome: promoted, rejected, not enough data, failed; with the numbers it was made on.
+outcome: promoted, rejected, not enough data, failed; with the numbers it was made on. A run of the
+learning loop also records why it ran (`trigger`), what the loop saw when it decided (`seen`: labels,
+worst drift PSI, live quality) and what will make it run next (`next`); the loop fills those in through
+`completing` before the decision is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +45,38 @@ class Decision:
     trigger: str = "manual"
     seconds: float = 0.0
     at: float = field(default_factory=time.time)
+    seen: dict[str, Any] = field(default_factory=dict)  # the loop's evidence: labels, drift_psi, quality
+    next: str = ""  # what makes the loop run next, e.g. "after 1000 more labels, or drift PSI above 0.84"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+_completing: contextvars.ContextVar[Callable[[Decision], None] | None] = contextvars.ContextVar(
+    "onnxgate_decision_completing", default=None
+)
+
+
+@contextlib.contextmanager
+def completing(complete: Callable[[Decision], None]) -> Iterator[None]:
+    """Within the block, `append` first hands each decision to `complete` (which may fill in fields,
+    e.g. the loop's `seen` and `next`), then writes it."""
+    token = _completing.set(complete)
+    try:
+        yield
+    finally:
+        _completing.reset(token)
+
+
 def append(model_dir: Path, decision: Decision) -> None:
     """Append one decision durably, in the log the gateway's live decisions go to too."""
+    complete = _completing.get()
+    if complete is not None:
+        _completing.set(None)  # what `complete` appends itself is written as it is
+        try:
+            complete(decision)
+        finally:
+            _completing.set(complete)
     append_decision(model_dir, decision.to_json())
 
 

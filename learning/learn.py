@@ -8,11 +8,20 @@ Every `--interval-s`, per model (its policy in `<repository>/<model>/learning.to
     but never      within min_interval_s of the last run   min_interval_s = 600
     back off       after K rejected challengers in a row, N doubles (backoff_after = 3), until drift or
                    a quality drop re-arms it; the reason is recorded in the decision log and the state
+    re-arm only    on new evidence: after a run that did not promote, against the same champion,
+                   drift fires again only above drift_rearm_factor x the PSI that run saw (1.5), quality
+                   only below what it saw by more than its noise, labels after N new ones
     promote with   margin, alpha, min_rows, test_fraction, validation_fraction, mode (retrain.Rule)
+
+Drift is measured on the inputs the champion answered, against the rows it was trained on (its drift
+reference, drift.reference_of). An unchanged log never retrains twice: every trigger needs evidence the
+last decision did not see. Each decision records why it ran (`trigger`), what the loop saw (`seen`) and
+what will make it run next (`next`).
 
 The loop's state per model (`<model>/learning-state.json`, written atomically) survives restarts. A
 retrain runs in this process, never in the gateway's; the gateway sees a promoted version by polling
-the repository (or, in explicit mode, through `--gateway`).
+the repository (or, in explicit mode, through `--gateway`). Hidden directories a killed publish left in
+a model directory are removed at each pass.
 """
 
 from __future__ import annotations
@@ -35,10 +44,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from onnxgate.converters.publish import remove_leftovers
 from onnxgate.learning import decisions
 from onnxgate.learning.data import feedback_rows
-from onnxgate.learning.decisions import PROMOTED, REJECTED, Decision
-from onnxgate.learning.drift import DriftCollector, feature_drift, live_features
+from onnxgate.learning.decisions import FAILED, PROMOTED, REJECTED, Decision
+from onnxgate.learning.drift import DriftCollector, feature_drift, live_features, reference_of
 from onnxgate.learning.evaluate import CLASSIFICATION, same_label
 from onnxgate.learning.retrain import Rule, champion_version, retrain, tell_gateway
 from onnxgate.learning.training import TrainingRecord
@@ -61,6 +71,8 @@ class Policy:
     quality_rows: int = 200  # the newest labelled rows live quality is measured on
     drift_rows: int = 2000  # the newest logged inputs drift is measured on
     drift_min_rows: int = 500  # fewer live rows: no drift measured (PSI over 10 bins is noise below this)
+    # after a run that did not promote, drift fires again only above this many times the PSI it saw
+    drift_rearm_factor: float = 1.5
     rule: Rule = field(default_factory=Rule)
 
     @classmethod
@@ -90,12 +102,23 @@ class State:
     backoff_reason: str = ""
     last_trigger: str = ""
     history: list[str] = field(default_factory=list)
+    # what the last decision saw, against which champion: a trigger needs evidence beyond it
+    seen_version: str = ""
+    seen_drift: float = 0.0  # the worst feature's PSI (0: not measured)
+    seen_quality: float | None = None
+    last_outcome: str = ""
+    next: str = ""  # what makes the next run happen, as the last decision recorded it
 
     @classmethod
     def load(cls, model_dir: Path) -> State:
         try:
-            return cls(**json.loads((model_dir / STATE_FILE).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
+            data = json.loads((model_dir / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:  # a key of a newer or older onnxgate is ignored, not a reason to forget the rest
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError:
             return cls()
 
     def save(self, model_dir: Path) -> None:
@@ -113,6 +136,27 @@ class Check:
     quality: float | None
     drift: dict[str, float]
     trigger: str
+    champion: str = ""
+    drift_rows: int = 0  # the live inputs of the champion drift was measured on
+    quality_rows: int = 0  # the labelled rows quality was measured on
+
+    @property
+    def worst_drift(self) -> float:
+        return max(self.drift.values(), default=0.0)
+
+    def seen(self) -> dict[str, Any]:
+        """The evidence a decision records."""
+        worst = max(self.drift, key=lambda f: self.drift[f], default=None)
+        return {
+            "version": self.champion,
+            "labels": self.labels,
+            "new_labels": self.new_labels,
+            "drift_psi": round(self.worst_drift, 6) if worst is not None else None,
+            "drift_feature": worst,
+            "drift_rows": self.drift_rows,
+            "quality": None if self.quality is None else round(self.quality, 6),
+            "quality_rows": self.quality_rows,
+        }
 
 
 class Learner:
@@ -145,7 +189,9 @@ class Learner:
         """One pass over every model: check the triggers, retrain where one fires."""
         now = time.time() if now is None else now
         made = []
-        for name in self.models():
+        names = self.models()
+        self.drift.keep_models(set(names))
+        for name in names:
             try:
                 decision = self.tick_model(name, now)
             except Exception:  # one model's trouble must not stop the others
@@ -157,6 +203,7 @@ class Learner:
 
     def tick_model(self, name: str, now: float) -> Decision | None:
         model_dir = self.repository / name
+        remove_leftovers(model_dir)  # what a publish killed mid-write left aside
         policy = Policy.load(model_dir)
         state = State.load(model_dir)
         if not state.labels_needed:
@@ -170,16 +217,35 @@ class Learner:
             state.save(model_dir)
             return None
         started = time.monotonic()
-        decision = retrain(self.repository, name, self.log_location, policy.rule, trigger=check.trigger)
+        backed_off: list[Decision] = []
+        completed: list[Decision] = []
+
+        def complete(decision: Decision) -> None:  # before the decision is written: what was seen, what next
+            if not completed:
+                completed.append(decision)
+                backed_off.extend(self._after(decision, check, policy, state, now))
+
+        try:
+            with decisions.completing(complete):
+                decision = retrain(self.repository, name, self.log_location, policy.rule, trigger=check.trigger)
+        except Exception:
+            # a crash counts as a decision for re-arming: the same evidence does not run it again
+            complete(Decision(name, FAILED, "the retrain crashed", check.champion, trigger=check.trigger))
+            state.save(model_dir)
+            raise
+        complete(decision)  # a decision not written through `append` (none is, today)
         self.seconds.labels(name).observe(time.monotonic() - started)
         self.runs.labels(name, decision.outcome).inc()
-        self._after(decision, check, policy, state, now)
+        for extra in backed_off:
+            decisions.append(model_dir, extra)
         state.save(model_dir)
         if decision.outcome == PROMOTED and self.gateway:
             tell_gateway(self.gateway, name)
         return decision
 
     def check(self, name: str, policy: Policy, state: State) -> Check:
+        """Measure labels, live quality and the champion's input drift; fire a trigger only on evidence the
+        last decision against this champion did not see (`bars`)."""
         model_dir = self.repository / name
         champion = champion_version(model_dir)
         record = TrainingRecord.load(model_dir / champion)
@@ -187,31 +253,44 @@ class Learner:
         labelled = feedback_rows(logfiles, name, record)
         labels = len(labelled)
         quality = _quality(record, labelled, policy.quality_rows, model_dir / champion)
-        live = live_features(logfiles, name, None, since_s=None, max_rows=policy.drift_rows, columns=record.columns)
+        self.drift.keep_only(name, champion)  # a retired version's series stops, it does not freeze
+        live = live_features(logfiles, name, champion, since_s=None, max_rows=policy.drift_rows, columns=record.columns)
         drift: dict[str, float] = {}
         if len(live) >= policy.drift_min_rows:
-            base_X, _ = record.base_data()
-            results = feature_drift(base_X, live[[c for c in base_X.columns if c in live]])
+            reference = reference_of(model_dir / champion, record)
+            results = feature_drift(reference, live[[c for c in reference.columns if c in live]])
             drift = {feature: d.psi for feature, d in results.items() if not math.isnan(d.psi)}
             self.drift.update(name, champion, results)
-        trigger = ""
         new_labels = labels - state.labels_at_last_run
-        worst = max(drift.values(), default=0.0)
-        if policy.drift_psi_above is not None and worst > policy.drift_psi_above:
-            trigger = f"drift: PSI {worst:.3f} > {policy.drift_psi_above}"
-        elif quality is not None and _dropped(record, quality, policy):
-            trigger = f"quality: {quality:.4f} past its threshold"
+        check = Check(labels, new_labels, quality, drift, "", champion, len(live), min(labels, policy.quality_rows))
+        drift_bar, quality_bar = bars(record, policy, state, champion)
+        worst = check.worst_drift
+        trigger = ""
+        if drift_bar is not None and worst > drift_bar:
+            trigger = f"drift: PSI {worst:.3f} > {drift_bar:.3g}" + _since(drift_bar, policy.drift_psi_above)
+        elif quality is not None and quality_bar is not None and _past(record, quality, quality_bar):
+            trigger = f"quality: {_metric(record)} {quality:.4f} past {quality_bar:.4g}" + _since(
+                quality_bar, _threshold(record, policy)
+            )
         elif new_labels >= state.labels_needed:
             trigger = f"labels: {new_labels} new >= {state.labels_needed}"
         if trigger.startswith(("drift", "quality")) and state.labels_needed != policy.retrain_after_labels:
             state.history.append(f"re-armed by {trigger}")  # a real signal: the label trigger counts from N again
             state.labels_needed, state.rejections_in_a_row, state.backoff_reason = policy.retrain_after_labels, 0, ""
         state.last_trigger = trigger
-        return Check(labels, new_labels, quality, drift, trigger)
+        check.trigger = trigger
+        return check
 
-    def _after(self, decision: Decision, check: Check, policy: Policy, state: State, now: float) -> None:
+    def _after(self, decision: Decision, check: Check, policy: Policy, state: State, now: float) -> list[Decision]:
+        """The state after a decision, and the decision's `seen` and `next`; returns the "backed off"
+        decision to append after it, if the label trigger backs off."""
         state.last_run = now
         state.labels_at_last_run = check.labels
+        state.last_outcome = decision.outcome
+        state.seen_version = check.champion or (decision.champion or "")
+        state.seen_drift = check.worst_drift
+        state.seen_quality = check.quality
+        extra: list[Decision] = []
         if decision.outcome == REJECTED:
             state.rejections_in_a_row += 1
             if state.rejections_in_a_row >= policy.backoff_after:
@@ -222,14 +301,22 @@ class Learner:
                     f"longer pays at this rate of labels; the label trigger now waits for {state.labels_needed}"
                 )
                 state.history.append(state.backoff_reason)
-                decisions.append(
-                    self.repository / decision.model,
+                extra.append(
                     Decision(
                         decision.model, "backed off", state.backoff_reason, decision.champion, trigger=decision.trigger
-                    ),
+                    )
                 )
         elif decision.outcome == PROMOTED:
             state.rejections_in_a_row = 0
+        record = TrainingRecord.load(self.repository / decision.model / check.champion)
+        # after a promotion the new version is the champion: its inputs, against its own reference
+        champion = decision.version if decision.outcome == PROMOTED and decision.version else check.champion
+        state.next = next_run(record, policy, state, champion, check.labels)
+        decision.seen = check.seen()
+        decision.next = state.next
+        for d in extra:
+            d.seen, d.next = decision.seen, state.next
+        return extra
 
     def serve(self, interval_s: float, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -251,10 +338,62 @@ def _quality(record: TrainingRecord, labelled: Any, rows: int, champion_dir: Pat
     return float(np.sqrt(np.mean((predicted.astype(np.float64) - recent.y.to_numpy(np.float64)) ** 2)))
 
 
-def _dropped(record: TrainingRecord, quality: float, policy: Policy) -> bool:
-    if record.task == CLASSIFICATION:
-        return policy.accuracy_below is not None and quality < policy.accuracy_below
-    return policy.rmse_above is not None and quality > policy.rmse_above
+# -- re-arming ---------------------------------------------------------------------------------------------
+# After a run that did not promote, the same champion, the same evidence: nothing runs again. Drift must
+# reach drift_rearm_factor x the worst PSI the last decision saw (when that was past the threshold; else
+# the threshold); live quality must be worse than what it saw by more than its noise: accuracy by two
+# standard errors of a proportion over the rows it is measured on (at least QUALITY_MIN_DROP), RMSE by
+# RMSE_REARM_FACTOR; labels count from the last run. A promotion starts afresh: the new champion's own
+# inputs against its own reference, quality against the thresholds.
+QUALITY_MIN_DROP = 0.02
+RMSE_REARM_FACTOR = 1.1
+
+
+def bars(record: TrainingRecord, policy: Policy, state: State, champion: str) -> tuple[float | None, float | None]:
+    """(drift PSI, quality) a trigger must get past now; None: that trigger is off."""
+    gated = state.seen_version == champion and state.last_outcome not in ("", PROMOTED)
+    drift_bar = policy.drift_psi_above
+    if drift_bar is not None and gated and state.seen_drift > drift_bar:
+        drift_bar = state.seen_drift * policy.drift_rearm_factor
+    quality_bar = _threshold(record, policy)
+    seen = state.seen_quality
+    if quality_bar is not None and gated and seen is not None and _past(record, seen, quality_bar):
+        if record.task == CLASSIFICATION:
+            drop = max(QUALITY_MIN_DROP, 2 * math.sqrt(max(seen * (1 - seen), 0.0) / max(policy.quality_rows, 1)))
+            quality_bar = seen - drop
+        else:
+            quality_bar = seen * RMSE_REARM_FACTOR
+    return drift_bar, quality_bar
+
+
+def next_run(record: TrainingRecord, policy: Policy, state: State, champion: str, labels: int) -> str:
+    """What makes the loop run next, in words (the `next` of a decision)."""
+    drift_bar, quality_bar = bars(record, policy, state, champion)
+    parts = [f"after {state.labels_needed} more labels ({labels + state.labels_needed} labelled)"]
+    if drift_bar is not None:
+        parts.append(f"drift PSI above {drift_bar:.3g} on version {champion}'s inputs")
+    if quality_bar is not None:
+        parts.append(f"{_metric(record)} {'below' if record.task == CLASSIFICATION else 'above'} {quality_bar:.3g}")
+    text = ", or ".join(parts)
+    if policy.min_interval_s > 0:
+        text += f"; not within {policy.min_interval_s:g}s of this run"
+    return text
+
+
+def _threshold(record: TrainingRecord, policy: Policy) -> float | None:
+    return policy.accuracy_below if record.task == CLASSIFICATION else policy.rmse_above
+
+
+def _metric(record: TrainingRecord) -> str:
+    return "accuracy" if record.task == CLASSIFICATION else "RMSE"
+
+
+def _past(record: TrainingRecord, quality: float, bar: float) -> bool:
+    return quality < bar if record.task == CLASSIFICATION else quality > bar
+
+
+def _since(bar: float, threshold: float | None) -> str:
+    return "" if threshold is None or bar == threshold else " (grown past what the last decision saw)"
 
 
 # -- the command ------------------------------------------------------------------------------------

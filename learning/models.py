@@ -1,5 +1,6 @@
 """`onnxgate models show --model NAME`: a model's versions and lineage, which of them are served, the learning
-loop's decisions and state, and (with --predlog-dir) the drift of live inputs against its training data.
+loop's decisions and state, and (with --predlog-dir) the drift of the inputs the newest trainable version
+answered against the rows it was trained on (its drift reference, or its base data).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from onnxgate.converters.publish import versions
 from onnxgate.learning import decisions
 from onnxgate.learning.decisions import MODEL_CARD_FILE
-from onnxgate.learning.drift import feature_drift, live_features
+from onnxgate.learning.drift import feature_drift, live_features, reference_of
 from onnxgate.learning.learn import STATE_FILE, Policy
 from onnxgate.learning.training import TrainingRecord
 from onnxgate.server.logfiles import LogFiles
@@ -52,13 +53,19 @@ def describe(repository: Path, name: str, log_location: str | None, *, drift_row
     if log_location and newest is not None:
         record = TrainingRecord.load(model_dir / newest["version"])
         live = live_features(
-            LogFiles.at(log_location), name, None, since_s=None, max_rows=drift_rows, columns=record.columns
+            LogFiles.at(log_location),
+            name,
+            newest["version"],
+            since_s=None,
+            max_rows=drift_rows,
+            columns=record.columns,
         )
         if len(live):
-            base_X, _ = record.base_data()
+            reference = reference_of(model_dir / newest["version"], record)
+            out["drift_version"] = newest["version"]
             out["drift"] = {
                 feature: d.as_dict()
-                for feature, d in feature_drift(base_X, live[[c for c in base_X if c in live]]).items()
+                for feature, d in feature_drift(reference, live[[c for c in reference if c in live]]).items()
             }
     return out
 
@@ -88,10 +95,13 @@ def text(info: dict[str, Any]) -> str:
         ]
         if state.get("backoff_reason"):
             lines.append(f"  backed off: {state['backoff_reason']}")
+        if state.get("next"):
+            lines.append(f"  next run: {state['next']}")
     if info["decisions"]:
         lines += ["", decisions.table(info["decisions"][-10:])]
     if "drift" in info:
-        lines += ["", f"{'feature':<20} {'test':<5} {'PSI':>8} {'statistic':>10} {'p':>10}"]
+        lines += ["", f"drift of version {info.get('drift_version')}'s inputs against its training rows"]
+        lines += [f"{'feature':<20} {'test':<5} {'PSI':>8} {'statistic':>10} {'p':>10}"]
         for feature, d in sorted(info["drift"].items(), key=lambda kv: -(kv[1].get("psi") or 0)):
             psi = d.get("psi")
             lines.append(
