@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from onnxgate.converters.publish import remove_leftovers
 from onnxgate.learning import decisions
 from onnxgate.learning.data import feedback_rows
-from onnxgate.learning.decisions import FAILED, PROMOTED, REJECTED, Decision
+from onnxgate.learning.decisions import FAILED, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
 from onnxgate.learning.drift import DriftCollector, feature_drift, live_features, reference_of
 from onnxgate.learning.evaluate import CLASSIFICATION, same_label
 from onnxgate.learning.retrain import Rule, champion_version, retrain, tell_gateway
@@ -107,6 +107,7 @@ class State:
     seen_drift: float = 0.0  # the worst feature's PSI (0: not measured)
     seen_quality: float | None = None
     last_outcome: str = ""
+    labels_next: int = 0  # new labels the next run waits for when fewer than labels_needed (0: labels_needed)
     next: str = ""  # what makes the next run happen, as the last decision recorded it
 
     @classmethod
@@ -272,8 +273,8 @@ class Learner:
             trigger = f"quality: {_metric(record)} {quality:.4f} past {quality_bar:.4g}" + _since(
                 quality_bar, _threshold(record, policy)
             )
-        elif new_labels >= state.labels_needed:
-            trigger = f"labels: {new_labels} new >= {state.labels_needed}"
+        elif new_labels >= (state.labels_next or state.labels_needed):
+            trigger = f"labels: {new_labels} new >= {state.labels_next or state.labels_needed}"
         if trigger.startswith(("drift", "quality")) and state.labels_needed != policy.retrain_after_labels:
             state.history.append(f"re-armed by {trigger}")  # a real signal: the label trigger counts from N again
             state.labels_needed, state.rejections_in_a_row, state.backoff_reason = policy.retrain_after_labels, 0, ""
@@ -290,6 +291,8 @@ class Learner:
         state.seen_version = check.champion or (decision.champion or "")
         state.seen_drift = check.worst_drift
         state.seen_quality = check.quality
+        # too few rows to train and test: min_rows new labels are enough new evidence to try again
+        state.labels_next = min(state.labels_needed, policy.rule.min_rows) if decision.outcome == NOT_ENOUGH_DATA else 0
         extra: list[Decision] = []
         if decision.outcome == REJECTED:
             state.rejections_in_a_row += 1
@@ -343,7 +346,8 @@ def _quality(record: TrainingRecord, labelled: Any, rows: int, champion_dir: Pat
 # reach drift_rearm_factor x the worst PSI the last decision saw (when that was past the threshold; else
 # the threshold); live quality must be worse than what it saw by more than its noise: accuracy by two
 # standard errors of a proportion over the rows it is measured on (at least QUALITY_MIN_DROP), RMSE by
-# RMSE_REARM_FACTOR; labels count from the last run. A promotion starts afresh: the new champion's own
+# RMSE_REARM_FACTOR; labels count from the last run (N of them, or after "not enough data" min_rows, when
+# fewer). A promotion starts afresh: the new champion's own
 # inputs against its own reference, quality against the thresholds.
 QUALITY_MIN_DROP = 0.02
 RMSE_REARM_FACTOR = 1.1
@@ -369,7 +373,8 @@ def bars(record: TrainingRecord, policy: Policy, state: State, champion: str) ->
 def next_run(record: TrainingRecord, policy: Policy, state: State, champion: str, labels: int) -> str:
     """What makes the loop run next, in words (the `next` of a decision)."""
     drift_bar, quality_bar = bars(record, policy, state, champion)
-    parts = [f"after {state.labels_needed} more labels ({labels + state.labels_needed} labelled)"]
+    needed = state.labels_next or state.labels_needed
+    parts = [f"after {needed} more labels ({labels + needed} labelled)"]
     if drift_bar is not None:
         parts.append(f"drift PSI above {drift_bar:.3g} on version {champion}'s inputs")
     if quality_bar is not None:

@@ -3,6 +3,7 @@ back from a log written by a real PredictionLog, and the Prometheus collector. E
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
@@ -18,12 +19,14 @@ from onnxgate.learning.drift import (
     KS,
     NUMERIC,
     PSI_EPSILON,
+    REFERENCE_FILE,
     DriftCollector,
     FeatureDrift,
     categorical_drift,
     feature_drift,
     live_features,
     numeric_drift,
+    reference_files,
 )
 from onnxgate.server.logfiles import LogFiles
 from onnxgate.server.predlog import PredictionLog
@@ -278,3 +281,36 @@ def test_the_collector_exports_the_latest_values_on_its_registry() -> None:
     other = CollectorRegistry()
     other.register(DriftCollector())
     assert "onnxgate_drift_psi{" not in generate_latest(other).decode()
+
+
+def test_a_collector_keeps_only_the_measured_version_and_the_models_still_there() -> None:
+    registry = CollectorRegistry()
+    collector = DriftCollector()
+    registry.register(collector)
+    for model, version in (("m", "5"), ("m", "6"), ("n", "1")):
+        collector.update(model, version, {"a": FeatureDrift(NUMERIC, KS, 0.3, 0.2, 0.01, 100, 100)})
+    collector.keep_only("m", "6")  # version 5 retired: its series goes, it does not stay frozen
+    text = generate_latest(registry).decode()
+    assert 'version="5"' not in text and 'model="m",version="6"' in text and 'model="n"' in text
+    collector.keep_models({"m"})
+    assert 'model="n"' not in generate_latest(registry).decode()
+
+
+# -- a version's drift reference ---------------------------------------------------------------------------
+def test_a_drift_reference_is_a_bounded_seeded_sample_of_the_training_rows_drawn_by_weight() -> None:
+    rng = np.random.default_rng(12)
+    X = pd.DataFrame({"a": np.arange(25_000, dtype=np.float64), "colour": rng.choice(["red", "blue"], 25_000)})
+
+    def read(files: dict[str, bytes]) -> pd.DataFrame:
+        assert list(files) == [REFERENCE_FILE]
+        return pd.read_parquet(io.BytesIO(files[REFERENCE_FILE]))
+
+    small = read(reference_files(X.iloc[:300]))
+    pd.testing.assert_frame_equal(small, X.iloc[:300])  # every row when there are few
+    big = read(reference_files(X, max_rows=10_000, seed=3))
+    assert len(big) == 10_000 and big["a"].is_unique and big["a"].is_monotonic_increasing
+    pd.testing.assert_frame_equal(big, read(reference_files(X, max_rows=10_000, seed=3)))  # seeded
+    # weights: the newest rows weigh 100 times the oldest, so the sample is mostly the newest rows
+    weight = np.where(np.arange(25_000) >= 20_000, 100.0, 1.0)
+    weighted = read(reference_files(X, weight, max_rows=10_000))
+    assert len(weighted) == 10_000 and (weighted["a"] >= 20_000).mean() > 0.9
