@@ -61,6 +61,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", help="the target column of --training-data (default: the one column the model does not read)"
     )
+    parser.add_argument(
+        "--ladder",
+        help="model families the learning loop climbs, simplest first, e.g. logistic,gbm or ridge,gbm (recipe sklearn;"
+        " names: logistic, linear, ridge, tree, forest, gbm, or module.Class): a more complex family is tried only"
+        " when the simpler one's learning curve has flattened, and kept only when significantly better",
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="the learning loop also tries the served model updated on the newest rows (partial_fit, or a"
+        " booster's more rounds), promoted by the same rule",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -86,16 +98,25 @@ def _recorder(args: argparse.Namespace) -> Callable[[Conversion], converters.Att
         getattr(args, "training_data", None),
         getattr(args, "target", None),
     )
-    if recipe is None and data is None and target is None:
+    options: dict[str, object] = {}
+    if getattr(args, "ladder", None):
+        options["ladder"] = [f.strip() for f in args.ladder.split(",") if f.strip()]
+    if getattr(args, "online", False):
+        options["online"] = True
+    if recipe is None and data is None and target is None and not options:
         return None
     if recipe is None or data is None:
-        raise converters.ConversionError("--recipe and --training-data go together (and --target with them)")
+        raise converters.ConversionError(
+            "--recipe and --training-data go together (and --target, --ladder, --online with them)"
+        )
     from onnxgate.learning.training import Recorder
 
     framework = (
         converters.resolve_framework(args.framework) if args.framework else converters.detect_framework(args.source)
     )
-    return Recorder(args.source, framework, recipe, data, target, rows=args.rows, seed=args.seed).attach
+    return Recorder(
+        args.source, framework, recipe, data, target, rows=args.rows, seed=args.seed, options=options
+    ).attach
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,9 @@
 
 Recipes (named at conversion, kept in `training/recipe.json`, see training.py):
 - `sklearn`: a clone of the estimator or pipeline (same hyperparameters, `random_state` = seed) fitted anew;
+  `family=` (a ladder's rung, learning/ladder.py) fits another estimator class instead (in the pipeline's
+  last step); `mode="continue"`: the served estimator updated by `partial_fit` on the rows given (online
+  learning: SGD*, *NB, Perceptron, MLP*, ...; a pipeline's fitted preprocessing is kept as it is);
 - `xgboost`, `lightgbm`, `catboost`: refit with the recorded parameters and number of rounds, or
   `mode="continue"`: more rounds boosted on top of the served model (options.continue_rounds in
   recipe.json, by default half the served model's rounds);
@@ -44,10 +47,14 @@ from onnxgate.learning.training import (
 )
 
 __all__ = [
+    "FAMILIES",
     "MODES",
     "RecipeError",
     "convert_checked",
     "describe",
+    "family_class",
+    "family_estimator",
+    "family_name",
     "next_record",
     "publish_version",
     "retrain",
@@ -67,15 +74,22 @@ def retrain(
     mode: str = "refit",
     sample_weight: np.ndarray | None = None,
     seed: int = 0,
+    family: str | None = None,
 ) -> Path:
     """Train the record's model again on (X, y) with its recipe; returns the new native file in `workdir`.
 
     X has the record's training columns (`record.feature_columns`; others are ignored), y the target.
+    `family` (sklearn recipe, refit only): the estimator class to fit, a ladder name or a dotted class path.
     """
     if mode not in MODES:
         raise RecipeError(f"mode {mode!r}: use one of {', '.join(MODES)}")
-    if mode == "continue" and record.recipe not in ("xgboost", "lightgbm", "catboost"):
-        raise RecipeError(f"recipe {record.recipe!r} refits; mode 'continue' is for xgboost, lightgbm and catboost")
+    if mode == "continue" and record.recipe not in ("xgboost", "lightgbm", "catboost", "sklearn"):
+        raise RecipeError(
+            f"recipe {record.recipe!r} refits; mode 'continue' is for xgboost, lightgbm and catboost, and"
+            " scikit-learn estimators with partial_fit"
+        )
+    if family is not None and (record.recipe != "sklearn" or mode != "refit"):
+        raise RecipeError(f"a model family ({family!r}) is refit by the sklearn recipe only")
     features = record.features(X)
     target = pd.Series(y).reset_index(drop=True)
     if len(features) == 0:
@@ -97,6 +111,8 @@ def retrain(
     trainer = trainers.get(record.recipe)
     if trainer is None:
         raise RecipeError(f"unknown recipe {record.recipe!r}")
+    if family is not None:
+        return _sklearn(record, features, target, workdir, mode, weight, seed, family)
     return trainer(record, features, target, workdir, mode, weight, seed)
 
 
@@ -115,6 +131,7 @@ def _sklearn(
     mode: str,
     weight: np.ndarray | None,
     seed: int,
+    family: str | None = None,
 ) -> Path:
     import joblib
     from sklearn.base import clone
@@ -122,7 +139,9 @@ def _sklearn(
 
     assert record.model_path is not None
     model = _joblib_load(record.model_path)
-    fresh = clone(model)
+    if mode == "continue":
+        return _partial_fit(model, X, y, workdir, weight)
+    fresh = clone(model if family is None else family_estimator(family, record.task, model))
     # random_state is not a hyperparameter to keep: the seed makes a retrain reproducible
     seeded = {k: seed for k in fresh.get_params(deep=True) if k == "random_state" or k.endswith("__random_state")}
     fresh.set_params(**seeded)
@@ -143,6 +162,102 @@ def _sklearn(
     out = workdir / "model.joblib"
     joblib.dump(fresh, out)
     return out
+
+
+def _partial_fit(model: Any, X: pd.DataFrame, y: pd.Series, workdir: Path, weight: np.ndarray | None) -> Path:
+    """The served estimator (or a pipeline's last step) updated by one `partial_fit` call on (X, y)."""
+    import copy
+
+    import joblib
+
+    updated = copy.deepcopy(model)
+    final = updated.steps[-1][1] if hasattr(updated, "steps") else updated
+    if not callable(getattr(final, "partial_fit", None)):
+        raise RecipeError(
+            f"{type(final).__name__} has no partial_fit: mode 'continue' is for xgboost, lightgbm and catboost,"
+            " and scikit-learn estimators with partial_fit (SGDClassifier, MultinomialNB, MLPRegressor, ...)"
+        )
+    data: Any = X if hasattr(model, "feature_names_in_") else X.to_numpy()
+    if hasattr(updated, "steps"):
+        for _, step in updated.steps[:-1]:
+            if step is not None and step != "passthrough":
+                data = step.transform(data)
+    kwargs: dict[str, Any] = {}
+    if weight is not None:
+        if "sample_weight" not in inspect.signature(final.partial_fit).parameters:
+            raise RecipeError(f"{type(final).__name__}.partial_fit takes no sample_weight: update it without weights")
+        kwargs["sample_weight"] = weight
+    try:
+        final.partial_fit(data, y.to_numpy(), **kwargs)
+    except Exception as error:  # scikit-learn raises ValueError, TypeError, ... on bad data
+        raise RecipeError(
+            f"scikit-learn could not update {type(final).__name__}: {type(error).__name__}: {error}"
+        ) from error
+    out = workdir / "model.joblib"
+    joblib.dump(updated, out)
+    return out
+
+
+# ladder names -> scikit-learn classes, per task; any other name is a dotted class path
+FAMILIES: dict[str, dict[str, str]] = {
+    "classification": {
+        "logistic": "sklearn.linear_model.LogisticRegression",
+        "tree": "sklearn.tree.DecisionTreeClassifier",
+        "forest": "sklearn.ensemble.RandomForestClassifier",
+        "gbm": "sklearn.ensemble.HistGradientBoostingClassifier",
+    },
+    "regression": {
+        "linear": "sklearn.linear_model.LinearRegression",
+        "ridge": "sklearn.linear_model.Ridge",
+        "tree": "sklearn.tree.DecisionTreeRegressor",
+        "forest": "sklearn.ensemble.RandomForestRegressor",
+        "gbm": "sklearn.ensemble.HistGradientBoostingRegressor",
+    },
+}
+
+
+def family_class(family: str, task: str) -> type:
+    """A ladder's rung (a short name of FAMILIES[task], or `module.Class`) -> the scikit-learn class."""
+    import importlib
+
+    path = FAMILIES.get(task, {}).get(family, family)
+    module_name, _, class_name = path.rpartition(".")
+    names = ", ".join(FAMILIES.get(task, {}))
+    if not module_name:
+        raise RecipeError(f"model family {family!r}: use one of {names} ({task}), or a class path module.Class")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise RecipeError(f"model family {family!r}: cannot import {path} ({error})") from error
+    if not isinstance(cls, type) or not callable(getattr(cls, "fit", None)):
+        raise RecipeError(f"model family {family!r}: {path} is not an estimator class")
+    return cls
+
+
+def family_estimator(family: str, task: str, served: Any) -> Any:
+    """An unfitted estimator of `family` in the served model's place: the served estimator itself (its
+    hyperparameters kept) when it is of that class, else the class with its defaults; in a pipeline, the
+    last step is replaced and the preprocessing kept."""
+    from sklearn.base import clone
+
+    cls = family_class(family, task)
+    final = served.steps[-1][1] if hasattr(served, "steps") else served
+    if type(final) is cls:
+        return served
+    if hasattr(served, "steps"):
+        pipeline = clone(served)
+        pipeline.steps[-1] = (pipeline.steps[-1][0], cls())
+        return pipeline
+    return cls()
+
+
+def family_name(estimator: Any, task: str) -> str:
+    """The ladder name of an estimator's class (a pipeline's last step), else its class path."""
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    for short in FAMILIES.get(task, {}):
+        if type(final) is family_class(short, task):
+            return short
+    return f"{type(final).__module__}.{type(final).__qualname__}"
 
 
 def _joblib_load(path: Path) -> Any:

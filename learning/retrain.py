@@ -20,6 +20,13 @@ size by default (2 accuracy points; for regressors, 2% of the champion's mean sq
 Nothing is written into the repository until the decision is to promote: challengers are trained and
 converted in a temporary directory, and the new version is written aside and renamed into place, so a
 crash at any point leaves the repository as it was. Exit code: 0 for any decision, 1 when it failed.
+
+Two recipe options (recipe.json `options`, set by `onnxgate convert --ladder ... --online`):
+- `ladder` (sklearn recipe): model families from the simplest, climbed on the chosen window only when
+  the simpler one's learning curve has flattened (learning/ladder.py);
+- `online`: one more candidate, "online": the served model updated on the newest rows (those since the
+  change, else those the champion served) by `partial_fit` (scikit-learn) or more boosting rounds
+  (xgboost, lightgbm, catboost), judged on validation and promoted by the same rule as any window.
 """
 
 from __future__ import annotations
@@ -30,19 +37,20 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxgate.converters.publish import versions
-from onnxgate.learning import decisions
+from onnxgate.learning import decisions, ladder
 from onnxgate.learning.change import Change, newest_change, row_losses
 from onnxgate.learning.data import (
     Labelled,
     NotEnoughData,
     Split,
+    Window,
     candidate_windows,
     concat,
     feedback_rows,
@@ -57,6 +65,9 @@ from onnxgate.learning.training import RecipeError, TrainingRecord
 from onnxgate.server.logfiles import LogFiles
 
 log = logging.getLogger(__name__)
+
+ONLINE = "online"  # the candidate that updates the served model on the newest rows (recipe option `online`)
+ONLINE_MIN_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -112,12 +123,28 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
     rows = {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)}
     if change is not None:
         rows |= {"change_at_row": change.index, "since_change": len(labelled) - change.index}
+    rungs = _ladder(record, rule)
     with tempfile.TemporaryDirectory(prefix=f"onnxgate-retrain-{name}-") as tmp:
         work = Path(tmp)
-        candidates = [
-            _candidate(record, window, split.validation, work / f"w{i}", rule)
-            for i, window in enumerate(candidate_windows(record, split.train, since=since))
-        ]
+        windows = candidate_windows(record, split.train, since=since)
+        modes = [rule.mode] * len(windows)
+        if record.options.get("online"):
+            recent = _online_window(split.train, since, champion)
+            if recent is None:
+                log.info("%s: no rows for an online update since version %s", name, champion)
+            else:
+                windows.append(recent)
+                modes.append("continue")
+        predictions: dict[str, np.ndarray | None] = {}
+        candidates = []
+        for i, (window, mode) in enumerate(zip(windows, modes, strict=True)):
+            family = rungs[0] if rungs and mode == "refit" else None
+            result, predictions[window.name] = _scored(
+                record, window, split.validation, work / f"w{i}", rule, mode=mode, family=family
+            )
+            if family is not None:
+                result["family"] = family
+            candidates.append(result)
         usable = [c for c in candidates if c["score"] is not None]
         if not usable:
             return Decision(
@@ -130,20 +157,39 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
                 rows=rows,
             )
         best = max(usable, key=lambda c: c["score"])
+        chosen_family: str | None = None
+        climbed: ladder.Climb | None = None
+        if rungs and best["window"] != ONLINE:
+            climbed = _climb(
+                record,
+                rungs,
+                next(w for w in windows if w.name == best["window"]),
+                best,
+                predictions,
+                split.validation,
+                work / "ladder",
+                rule,
+            )
+            chosen_family = climbed.family
+            candidates.extend(climbed.steps)
         # the chosen window again, on every row before the test slice
-        final_window = next(
-            w
-            for w in candidate_windows(record, concat(split.train, split.validation), since=since)
-            if w.name == best["window"]
-        )
+        history = concat(split.train, split.validation)
+        final_mode = rule.mode
+        if best["window"] == ONLINE:
+            final_window = _online_window(history, since, champion)
+            assert final_window is not None  # it had rows in the training pool alone
+            final_mode = "continue"
+        else:
+            final_window = next(w for w in candidate_windows(record, history, since=since) if w.name == best["window"])
         native = retrain_native(
             record,
             final_window.X,
             final_window.y,
             workdir=work / "final",
-            mode=rule.mode,
+            mode=final_mode,
             sample_weight=final_window.weight,
             seed=rule.seed,
+            family=chosen_family,
         )
         conversion, report, passed = convert_checked(native, record, split.test.X)
         if not passed:
@@ -170,6 +216,10 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
         )
         if change is not None:
             reason += f"; chosen and judged on the rows since {change.describe()}"
+        if climbed is not None:
+            reason += f"; {climbed.summary}"
+        elif best["window"] == ONLINE:
+            reason += f"; online: version {champion} updated on its {len(final_window.y)} newest rows"
         if verdict.outcome != "promote":
             return Decision(
                 name,
@@ -184,10 +234,12 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
         card = {
             "parent_version": champion,
             "recipe": record.recipe,
-            "mode": rule.mode,
+            "mode": final_mode,
             "hyperparameters": record.hyperparameters,
             "base_data_sha256": record.base_sha256,
             "window": best["window"],
+            "family": chosen_family,
+            "ladder": climbed.steps if climbed is not None else None,
             "rows": {**rows, "window_feedback": final_window.feedback_rows, "window_base": final_window.base_rows},
             "feedback_from": str(split.train.at.min()) if len(split.train) else None,
             "feedback_to": str(split.validation.at.max()) if len(split.validation) else None,
@@ -202,7 +254,10 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
         }
         card_json = json.dumps(card, indent=1, sort_keys=True, default=str).encode()
         extra = {MODEL_CARD_FILE: card_json, **reference_files(final_window.X, final_window.weight, seed=rule.seed)}
-        directory = publish_version(model_dir.parent, name, conversion, report, native, record, extra)
+        published = (
+            record if chosen_family is None else replace(record, options={**record.options, "family": chosen_family})
+        )
+        directory = publish_version(model_dir.parent, name, conversion, report, native, published, extra)
     return Decision(
         name,
         PROMOTED,
@@ -252,20 +307,99 @@ def _looks(model_dir: Path, champion: str) -> int:
     )
 
 
+def _ladder(record: TrainingRecord, rule: Rule) -> list[str]:
+    """The record's ladder of families (simplest first), when this run refits an sklearn model; else []."""
+    rungs = record.options.get("ladder") or []
+    if record.recipe != "sklearn" or rule.mode != "refit" or len(rungs) < 1:
+        return []
+    return [str(r) for r in rungs]
+
+
+def _online_window(rows: Labelled, since: int | None, champion: str) -> Window | None:
+    """The newest rows, for an online update of the served model: those since the detected change, else
+    those the champion served (it has not learned from them); None when fewer than ONLINE_MIN_ROWS."""
+    if since is not None and 0 <= since < len(rows):
+        start = since
+    else:
+        served = np.flatnonzero(np.asarray(rows.version).astype(str) == champion)
+        if not len(served):
+            return None
+        start = int(served[0])
+    newest = rows.rows(slice(start, len(rows)))
+    if len(newest) < ONLINE_MIN_ROWS:
+        return None
+    return Window(ONLINE, newest.X, newest.y, None, len(newest), 0)
+
+
+def _climb(
+    record: TrainingRecord,
+    rungs: list[str],
+    window: Window,
+    best: dict[str, Any],
+    predictions: dict[str, np.ndarray | None],
+    validation: Labelled,
+    work: Path,
+    rule: Rule,
+) -> ladder.Climb:
+    """The ladder climbed on the chosen window (learning/ladder.py), every fit scored on validation."""
+
+    def fit(family: str, rows: Window, tag: str) -> ladder.Scored:
+        result, predicted = _scored(record, rows, validation, work / f"{family}-{tag}", rule, family=family)
+        return ladder.Scored(result["score"], predicted, result.get("error"))
+
+    flat = record.options.get("ladder_flat")
+    return ladder.climb(
+        rungs,
+        record.task,
+        window,
+        validation.y.to_numpy(),
+        fit,
+        alpha=rule.alpha,
+        seed=rule.seed,
+        flat=None if flat is None else float(flat),
+        first=ladder.Scored(best["score"], predictions.get(window.name)),
+    )
+
+
 def _candidate(record: TrainingRecord, window: Any, validation: Labelled, work: Path, rule: Rule) -> dict[str, Any]:
     """Train, convert and score one window on the validation slice (higher score is better)."""
+    return _scored(record, window, validation, work, rule)[0]
+
+
+def _scored(
+    record: TrainingRecord,
+    window: Any,
+    validation: Labelled,
+    work: Path,
+    rule: Rule,
+    *,
+    mode: str | None = None,
+    family: str | None = None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Train, convert and score one window on the validation slice (higher score is better), and the
+    challenger's answers there (None when it failed)."""
+    mode = rule.mode if mode is None else mode
     result: dict[str, Any] = {"window": window.name, "rows": len(window.y), "score": None}
+    if mode != rule.mode:
+        result["mode"] = mode
     try:
         native = retrain_native(
-            record, window.X, window.y, workdir=work, mode=rule.mode, sample_weight=window.weight, seed=rule.seed
+            record,
+            window.X,
+            window.y,
+            workdir=work,
+            mode=mode,
+            sample_weight=window.weight,
+            seed=rule.seed,
+            family=family,
         )
         conversion, _, passed = convert_checked(native, record, validation.X)
     except RecipeError as e:
         result["error"] = str(e)
-        return result
+        return result, None
     if not passed:
         result["error"] = "parity check failed"
-        return result
+        return result, None
     predicted = predict(conversion.model.SerializeToString(), record.inputs_from_features(validation.X))
     if record.task == CLASSIFICATION:
         result["score"] = float(np.mean(same_label(predicted, validation.y.to_numpy())))
@@ -273,7 +407,7 @@ def _candidate(record: TrainingRecord, window: Any, validation: Labelled, work: 
     else:
         result["score"] = -float(np.mean((predicted.astype(np.float64) - validation.y.to_numpy(np.float64)) ** 2))
         result["metric"] = "-mse"
-    return result
+    return result, predicted
 
 
 def _paired(record: TrainingRecord, champion_dir: Path, challenger: bytes, test: Labelled, rule: Rule) -> Any:

@@ -327,6 +327,37 @@ def load_user_function(recipe: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
+def check_options(options: Mapping[str, Any], recipe: str, task: str, source: Path | None) -> None:
+    """Refuse recipe options the model cannot use: `ladder` (a list of model families, simplest first:
+    the sklearn recipe only, each a name of recipes.FAMILIES[task] or a class path) and `online` (an
+    update of the served model: scikit-learn estimators with partial_fit, or a booster's more rounds)."""
+    from onnxgate.learning import recipes  # recipes imports this module
+
+    ladder = options.get("ladder")
+    if ladder is not None:
+        if recipe != "sklearn":
+            raise RecipeError(f"--ladder climbs scikit-learn model families: it needs --recipe sklearn, not {recipe}")
+        if not isinstance(ladder, list) or not ladder or not all(isinstance(f, str) and f for f in ladder):
+            raise RecipeError(f"--ladder: give model families simplest first, e.g. logistic,gbm (got {ladder!r})")
+        for family in ladder:
+            recipes.family_class(family, task)
+    if options.get("online"):
+        if recipe in ("xgboost", "lightgbm", "catboost"):
+            return
+        if recipe != "sklearn" or source is None:
+            raise RecipeError(
+                f"--online updates the served model: scikit-learn estimators with partial_fit, or xgboost,"
+                f" lightgbm and catboost boosters (recipe {recipe!r} refits only)"
+            )
+        model = recipes._joblib_load(source)
+        final = model.steps[-1][1] if hasattr(model, "steps") else model
+        if not callable(getattr(final, "partial_fit", None)):
+            raise RecipeError(
+                f"--online: {type(final).__name__} has no partial_fit (SGDClassifier, SGDRegressor, MultinomialNB,"
+                " Perceptron, MLPClassifier ... have)"
+            )
+
+
 # ---------------------------------------------------------------- recording at conversion
 
 
@@ -459,6 +490,7 @@ class Recorder:
     target: str | None = None
     rows: int = 256
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # recipe options: ladder, online (see check_options)
 
     def __post_init__(self) -> None:
         check_recipe(self.recipe, self.framework)
@@ -473,6 +505,7 @@ class Recorder:
         columns, target = map_columns(conversion, list(self.frame.columns), self.target, what, known)
         from onnxgate.learning import recipes  # recipes imports this module; here only its describe()
 
+        check_options(self.options, self.recipe, conversion.task, source if source.is_file() else None)
         data = _parquet_bytes(self.frame)
         target_values = self.frame[target]
         record = TrainingRecord(
@@ -491,6 +524,7 @@ class Recorder:
             model_path=source if source.is_file() else None,
             base_path=self.training_data,  # replaced by the Parquet copy below
             created=_now(),
+            options=dict(self.options),
         )
         files = record.files()
         files[f"{TRAINING_DIR}/{BASE_FILE}"] = data
