@@ -113,6 +113,10 @@ def climb(
         "metric": metric,
     }
     for rung in range(1, len(ladder) + 1):
+        if rung == len(ladder):
+            step["stop"] = "the top of the ladder"
+            steps.append(step)
+            return Climb(kept, steps, f"ladder: {kept}, the top of {'->'.join(ladder)}")
         # the family kept so far: its learning curve decides whether a more complex one is worth a try
         points: dict[str, float | None] = {}
         for share in CURVE_SHARES:
@@ -122,10 +126,6 @@ def climb(
         assert kept_scored.score is not None
         flat_now, gain = flattened(task, points["1/2"], kept_scored.score, flat)
         step |= {"curve": points, "curve_gain": gain, "flattened": flat_now}
-        if rung == len(ladder):
-            step["stop"] = "the top of the ladder"
-            steps.append(step)
-            return Climb(kept, steps, f"ladder: {kept}, the top of {'->'.join(ladder)}")
         if not flat_now:
             why = "too few rows for a curve" if gain is None else f"gains {gain:+.3g} from 1/2 to all rows"
             step["stop"] = f"learning curve still rising ({why}): more rows, not a more complex family"

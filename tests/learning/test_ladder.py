@@ -182,3 +182,41 @@ def test_after_a_change_an_online_update_of_a_partial_fit_model_is_a_candidate_b
     assert decision.outcome == "promoted", decision.reason
     assert decision.test is not None and decision.test["p_value"] < decision.test["alpha"]
     assert versions(repo / "m") == [1, 2]
+
+
+def test_an_online_update_chosen_on_validation_is_published_as_a_partial_fit_of_the_served_model(
+    tmp_path: Path, start_gateway: Callable[..., GatewayHandle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import joblib
+    from sklearn.linear_model import SGDClassifier
+
+    from onnxgate.learning import retrain as retrain_module
+
+    real = retrain_module._scored
+
+    def online_first(*args: Any, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        # the refit windows often edge the online update out on validation: make it the choice, and let
+        # everything after (the update on train + validation, parity, the paired test, publish) run as is
+        result, predicted = real(*args, **kwargs)
+        if result["window"] == "online" and result["score"] is not None:
+            result = {**result, "score": result["score"] + 1.0}
+        return result, predicted
+
+    monkeypatch.setattr(retrain_module, "_scored", online_first)
+    rng = np.random.default_rng(23)
+    repo = _convert(tmp_path, concept("A", 1000, rng), SGDClassifier(loss="log_loss", random_state=0), "--online")
+    gw = _serve(start_gateway, repo, tmp_path / "log")
+    _stream(gw.address, "m", concept("A", 500, rng))
+    _stream(gw.address, "m", concept("B", 400, rng))
+    _flush(gw)
+    decision = retrain_model(repo, "m", str(tmp_path / "log"), Rule())
+    assert decision.window == "online" and decision.outcome == "promoted", decision.reason
+    assert "online: version 1 updated on its" in decision.reason
+    assert decision.test is not None and decision.test["p_value"] < decision.test["alpha"]
+    card = json.loads((repo / "m" / "2" / "model_card.json").read_text())
+    assert card["mode"] == "continue" and card["window"] == "online"
+    served = joblib.load(tmp_path / "model.joblib")
+    updated = joblib.load(TrainingRecord.load(repo / "m" / "2").model_path)  # type: ignore[arg-type]
+    # the same estimator, moved on from where it was (partial_fit), not refit from scratch
+    assert type(updated) is SGDClassifier and list(updated.classes_) == list(served.classes_)
+    assert updated.t_ > served.t_ and not np.allclose(updated.coef_, served.coef_)
