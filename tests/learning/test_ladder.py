@@ -216,7 +216,7 @@ def test_an_online_update_chosen_on_validation_is_published_as_a_partial_fit_of_
     card = json.loads((repo / "m" / "2" / "model_card.json").read_text())
     assert card["mode"] == "continue" and card["window"] == "online"
     served = joblib.load(tmp_path / "model.joblib")
-    updated = joblib.load(TrainingRecord.load(repo / "m" / "2").model_path)  # type: ignore[arg-type]
+    updated = joblib.load(TrainingRecord.load(repo / "m" / "2").model_path)
     # the same estimator, moved on from where it was (partial_fit), not refit from scratch
     assert type(updated) is SGDClassifier and list(updated.classes_) == list(served.classes_)
     assert updated.t_ > served.t_ and not np.allclose(updated.coef_, served.coef_)
