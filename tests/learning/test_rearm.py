@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from onnxgate.client import Client
 from onnxgate.converters.publish import versions
 from onnxgate.learning import decisions
 from onnxgate.learning.demo import FEATURES, concept
 from onnxgate.learning.drift import REFERENCE_FILE, feature_drift, live_features, reference_of
-from onnxgate.learning.learn import POLICY_FILE, Learner, State
+from onnxgate.learning.learn import POLICY_FILE, Learner, Policy, State, bars, next_run
 from onnxgate.learning.training import TrainingRecord
 from onnxgate.server.logfiles import LogFiles
 from tests.conftest import GatewayHandle
@@ -143,3 +144,26 @@ def test_drift_is_measured_on_the_champions_inputs_against_what_it_was_trained_o
     assert against_own < 0.2 < 1.0 < against_base, (against_own, against_base)
     assert made == []  # the new concept's inputs are what version 2 was trained on: no drift, no run
     assert not [p for p in os.listdir(repo / "m") if p.startswith(".tmp-")]
+
+
+def test_the_bars_a_trigger_must_pass_after_a_decision(tmp_path: Path) -> None:
+    rng = np.random.default_rng(23)
+    repo = _convert(tmp_path, concept("A", 300, rng))
+    record = TrainingRecord.load(repo / "m" / "1")
+    policy = Policy(accuracy_below=0.8, drift_psi_above=0.2, quality_rows=200, min_interval_s=0)
+    fresh = State(labels_needed=500)
+    assert bars(record, policy, fresh, "1") == (0.2, 0.8)  # nothing decided yet: the thresholds
+    rejected = State(labels_needed=500, seen_version="1", last_outcome="rejected", seen_drift=0.6, seen_quality=0.7)
+    drift_bar, quality_bar = bars(record, policy, rejected, "1")
+    assert drift_bar == pytest.approx(0.9)  # 1.5 x what the decision saw
+    assert quality_bar == pytest.approx(0.7 - 2 * np.sqrt(0.7 * 0.3 / 200))  # worse by two standard errors
+    assert bars(record, policy, rejected, "2") == (0.2, 0.8)  # another champion: its own evidence
+    promoted = State(labels_needed=500, seen_version="1", last_outcome="promoted", seen_drift=0.6, seen_quality=0.7)
+    assert bars(record, policy, promoted, "1") == (0.2, 0.8)
+    below = State(labels_needed=500, seen_version="1", last_outcome="rejected", seen_drift=0.1, seen_quality=0.9)
+    assert bars(record, policy, below, "1") == (0.2, 0.8)  # it saw no drift and good quality: crossing is new
+    assert next_run(record, policy, rejected, "1", 1000) == (
+        "after 500 more labels (1500 labelled), or drift PSI above 0.9 on version 1's inputs, or accuracy below 0.635"
+    )
+    rejected.labels_next = 100  # after "not enough data": min_rows new labels
+    assert next_run(record, policy, rejected, "1", 40).startswith("after 100 more labels (140 labelled)")
