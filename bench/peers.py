@@ -717,12 +717,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, help=f"loadgen warm-up seconds, default {FULL['warmup']}")
     ap.add_argument("--out", type=Path, help="the results JSON (default bench/results/peers.json)")
     ap.add_argument("--plot", type=Path, help="the PNG (default docs/img/peers.png; NAME-targets.png beside it)")
-    ap.add_argument("--doc", type=Path, help="the markdown whose peers block is rewritten (docs/explanation/benchmarks.md)")
+    ap.add_argument(
+        "--doc", type=Path, help="the markdown whose peers block is rewritten (docs/explanation/benchmarks.md)"
+    )
     ap.add_argument("--no-doc", action="store_true", help="print the block, do not write a doc")
     ap.add_argument("--render", type=Path, help="re-render the doc block and plots from a saved --out JSON")
     args = ap.parse_args()
     if args.quick and args.doc is None and not args.no_doc:
-        ap.error("--quick writes a smoke run's numbers: give --doc PATH (not docs/explanation/benchmarks.md) or --no-doc")
+        ap.error(
+            "--quick writes a smoke run's numbers: give --doc PATH (not docs/explanation/benchmarks.md) or --no-doc"
+        )
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -272,7 +272,9 @@ def _shape(joined: DataFrame, n: int) -> DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="onnxgate's labelled rows of one model, as Parquet (Spark)")
-    parser.add_argument("--predlog-dir", required=True, help="the prediction log: a directory, or s3://, gs://, abfs://")
+    parser.add_argument(
+        "--predlog-dir", required=True, help="the prediction log: a directory, or s3://, gs://, abfs://"
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--version")
     parser.add_argument("--since", type=parse_since, help="ISO-8601, or epoch seconds")
@@ -281,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     skipped: SkipList = {}
     n = export(
-        args.predlog_dir, args.model, args.out, version=args.version, since=args.since, master=args.master, skipped=skipped
+        args.predlog_dir,
+        args.model,
+        args.out,
+        version=args.version,
+        since=args.since,
+        master=args.master,
+        skipped=skipped,
     )
     for path, why in sorted(skipped.items()):
         print(f"onnxgate dataset: skipped unreadable file {path} ({why})", file=sys.stderr)
