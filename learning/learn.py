@@ -5,6 +5,8 @@ Every `--interval-s`, per model (its policy in `<repository>/<model>/learning.to
     retrain when   N new labels since the last run        retrain_after_labels = 500
               or   live accuracy / RMSE past a threshold   accuracy_below = 0.8 | rmse_above = 2.5
               or   input drift (PSI) past a threshold      drift_psi_above = 0.2 (over >= drift_min_rows inputs)
+              or   a change in the champion's per-row loss (learning/change.py) with rule.min_rows labelled
+                   rows since it; the same change again only with twice the rows the last decision had
     but never      within min_interval_s of the last run   min_interval_s = 600
     back off       after K rejected challengers in a row, N doubles (backoff_after = 3), until drift or
                    a quality drop re-arms it; the reason is recorded in the decision log and the state
@@ -46,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from onnxgate.converters.publish import remove_leftovers
 from onnxgate.learning import decisions
+from onnxgate.learning.change import Change, newest_change, row_losses
 from onnxgate.learning.data import feedback_rows
 from onnxgate.learning.decisions import FAILED, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
 from onnxgate.learning.drift import DriftCollector, feature_drift, live_features, reference_of
@@ -108,6 +111,13 @@ class State:
     seen_quality: float | None = None
     last_outcome: str = ""
     labels_next: int = 0  # new labels the next run waits for when fewer than labels_needed (0: labels_needed)
+    # the change in the champion's loss the last decision saw (the time of its first row; "": none), the
+    # labelled rows since it then, and the newest labelled row it saw (epoch seconds): a change found among
+    # rows a decision already saw is that change again (each champion places it a few rows apart) and
+    # triggers only with twice the rows; a change after them is new
+    seen_change_at: str = ""
+    seen_change_rows: int = 0
+    seen_until: float = 0.0
     next: str = ""  # what makes the next run happen, as the last decision recorded it
 
     @classmethod
@@ -140,6 +150,10 @@ class Check:
     champion: str = ""
     drift_rows: int = 0  # the live inputs of the champion drift was measured on
     quality_rows: int = 0  # the labelled rows quality was measured on
+    change_at: str = ""  # the newest change in the champion's loss: the time of its first row ("": none)
+    change_s: float = 0.0  # ... in epoch seconds
+    since_change: int = 0  # labelled rows since it
+    until: float = 0.0  # the newest labelled row's time, epoch seconds
 
     @property
     def worst_drift(self) -> float:
@@ -157,6 +171,8 @@ class Check:
             "drift_rows": self.drift_rows,
             "quality": None if self.quality is None else round(self.quality, 6),
             "quality_rows": self.quality_rows,
+            "change_at": self.change_at or None,
+            "since_change": self.since_change,
         }
 
 
@@ -264,6 +280,12 @@ class Learner:
             self.drift.update(name, champion, results)
         new_labels = labels - state.labels_at_last_run
         check = Check(labels, new_labels, quality, drift, "", champion, len(live), min(labels, policy.quality_rows))
+        change = _newest_change(record, labelled, model_dir / champion)
+        if labels:
+            check.until = _epoch_s(labelled.at[-1])
+        if change is not None:
+            check.change_at, check.change_s = str(labelled.at[change.index]), _epoch_s(labelled.at[change.index])
+            check.since_change = labels - change.index
         drift_bar, quality_bar = bars(record, policy, state, champion)
         worst = check.worst_drift
         trigger = ""
@@ -273,6 +295,8 @@ class Learner:
             trigger = f"quality: {_metric(record)} {quality:.4f} past {quality_bar:.4g}" + _since(
                 quality_bar, _threshold(record, policy)
             )
+        elif change is not None and check.since_change >= change_bar(policy, state, check.change_s):
+            trigger = f"change: {change.describe()}"
         elif new_labels >= (state.labels_next or state.labels_needed):
             trigger = f"labels: {new_labels} new >= {state.labels_next or state.labels_needed}"
         if trigger.startswith(("drift", "quality")) and state.labels_needed != policy.retrain_after_labels:
@@ -291,6 +315,8 @@ class Learner:
         state.seen_version = check.champion or (decision.champion or "")
         state.seen_drift = check.worst_drift
         state.seen_quality = check.quality
+        state.seen_change_at, state.seen_change_rows = check.change_at, check.since_change
+        state.seen_until = check.until
         # too few rows to train and test: min_rows new labels are enough new evidence to try again
         state.labels_next = min(state.labels_needed, policy.rule.min_rows) if decision.outcome == NOT_ENOUGH_DATA else 0
         extra: list[Decision] = []
@@ -379,10 +405,40 @@ def next_run(record: TrainingRecord, policy: Policy, state: State, champion: str
         parts.append(f"drift PSI above {drift_bar:.3g} on version {champion}'s inputs")
     if quality_bar is not None:
         parts.append(f"{_metric(record)} {'below' if record.task == CLASSIFICATION else 'above'} {quality_bar:.3g}")
+    if state.seen_change_at:
+        rows = change_bar(policy, state, state.seen_until)
+        parts.append(f"{rows} labelled rows since the change at {state.seen_change_at}, or a newer change")
+    else:
+        parts.append(f"a change in its loss with {policy.rule.min_rows} labelled rows since")
     text = ", or ".join(parts)
     if policy.min_interval_s > 0:
         text += f"; not within {policy.min_interval_s:g}s of this run"
     return text
+
+
+def change_bar(policy: Policy, state: State, change_s: float) -> int:
+    """Labelled rows since a change the change trigger needs: min_rows for a change after every row the
+    last decision saw; for one among them (the change it saw), twice the rows it had since its change
+    (each run on it has twice the evidence: a change is retrained on a few times, geometrically, not on
+    every pass)."""
+    if state.seen_change_at and change_s <= state.seen_until:
+        return max(policy.rule.min_rows, 2 * state.seen_change_rows)
+    return policy.rule.min_rows
+
+
+def _epoch_s(at: Any) -> float:
+    return float(np.datetime64(at, "us").astype(np.int64)) / 1e6
+
+
+def _newest_change(record: TrainingRecord, labelled: Any, champion_dir: Path) -> Change | None:
+    """The newest change in the champion's per-row loss over every labelled row (learning/change.py): the
+    retrain then chooses and judges its windows on the rows since it."""
+    if not len(labelled):
+        return None
+    from onnxgate.learning.evaluate import predict
+
+    predicted = predict(champion_dir / "model.onnx", record.inputs_from_features(labelled.X))
+    return newest_change(row_losses(record.task, predicted, labelled.y.to_numpy()))
 
 
 def _threshold(record: TrainingRecord, policy: Policy) -> float | None:

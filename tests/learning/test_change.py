@@ -12,6 +12,7 @@ from onnxgate.converters.publish import versions
 from onnxgate.learning import decisions
 from onnxgate.learning.change import newest_change, row_losses
 from onnxgate.learning.demo import concept
+from onnxgate.learning.learn import POLICY_FILE, Learner
 from onnxgate.learning.retrain import Rule, retrain
 from tests.conftest import GatewayHandle
 from tests.learning.test_loop import _convert, _flush, _serve, _stream
@@ -99,3 +100,31 @@ def test_pure_noise_is_never_promoted_over_repeated_runs_and_each_run_spends_les
     alphas = [d["test"]["alpha"] for d in decisions.read(repo / "m")]
     assert looks == [1, 2, 3, 4, 5]
     assert alphas == pytest.approx([0.05 / (k * (k + 1)) for k in looks]) and sum(alphas) < 0.05
+
+
+def test_the_loop_retrains_on_a_change_and_again_only_with_twice_the_rows_since(
+    tmp_path: Path, start_gateway: Callable[..., GatewayHandle]
+) -> None:
+    rng = np.random.default_rng(13)
+    repo = _convert(tmp_path, concept("A", 1000, rng))
+    # only the change trigger can fire: labels wait for 10,000, drift past a PSI of 1000, quality is off
+    (repo / "m" / POLICY_FILE).write_text(
+        "retrain_after_labels = 10000\ndrift_psi_above = 1000.0\nmin_interval_s = 0\n"
+    )
+    gw = _serve(start_gateway, repo, tmp_path / "log")
+    _stream(gw.address, "m", concept("A", 500, rng))
+    _flush(gw)
+    learner = Learner(repo, str(tmp_path / "log"))
+    assert learner.tick() == []  # no change, no run
+    _stream(gw.address, "m", concept("B", 150, rng))
+    _flush(gw)
+    first = learner.tick()
+    assert len(first) == 1 and first[0].trigger.startswith("change: a change at labelled row"), first
+    assert first[0].seen["since_change"] >= 100 and "labelled rows since the change at" in first[0].next
+    assert learner.tick() == [] and learner.tick() == []  # an unchanged log: the same change, no new rows
+    seen = first[0].seen["since_change"]
+    _stream(gw.address, "m", concept("B", seen + 10, rng))
+    _flush(gw)
+    again = learner.tick()
+    assert len(again) == 1 and again[0].trigger.startswith("change:"), again
+    assert again[0].seen["since_change"] >= 2 * seen
