@@ -431,8 +431,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def add_rule_arguments(parser: argparse.ArgumentParser) -> None:
     default = Rule()
-    parser.add_argument("--margin", type=float, default=default.margin, help="least improvement to promote")
-    parser.add_argument("--alpha", type=float, default=default.alpha, help="significance level of the paired test")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=default.margin,
+        help="least improvement to promote: accuracy points, or a share of the champion's MSE for regressors",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=default.alpha,
+        help="error budget over all runs against one champion (run k tests at alpha/(k(k+1)))",
+    )
     parser.add_argument("--min-rows", type=int, default=default.min_rows, help="labelled rows needed to retrain")
     parser.add_argument("--test-fraction", type=float, default=default.test_fraction)
     parser.add_argument("--validation-fraction", type=float, default=default.validation_fraction)
