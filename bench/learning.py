@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/learning.py [--quick] [--tasks classifier,regressor] [--scenarios abrupt,...]
         [--noise-runs 100] [--seed 0] [--out DIR] [--img-dir docs/img] [--policy TASK=FILE]
+    .venv/bin/python bench/learning.py --replot DIR/learning.json --img-dir docs/img    (the PNGs again)
 
 Per task (a logistic regression / a linear regression, converted with `--recipe sklearn --training-data`)
 and scenario (learning/streams.py: abrupt, gradual, recurring, covariate, none, noise), one run:
@@ -464,6 +465,7 @@ def plot(results: list[Result], path: Path, task: str) -> None:
         "not enough data": (".", "gray"),
         "failed": ("s", "black"),
     }
+    lo = max(min(min(b.live for b in r.blocks) for r in mine) - 5, -100 if task == "regressor" else 0)
     for ax, r in zip(axes.flat, mine, strict=False):
         block = r.config["block"]
         labels = [(b.start + block) / 1000 for b in r.blocks]
@@ -475,7 +477,7 @@ def plot(results: list[Result], path: Path, task: str) -> None:
         seen: set[str] = set()
         for m in r.decisions:
             marker, color = style.get(m.outcome, ("o", "purple"))
-            y = r.blocks[m.block].live
+            y = max(r.blocks[m.block].live, lo + 4)  # below the axis: drawn at its foot
             label = m.outcome if m.outcome not in seen else None
             seen.add(m.outcome)
             ax.plot(m.labels / 1000, y, marker, color=color, markersize=8, label=label)
@@ -490,8 +492,7 @@ def plot(results: list[Result], path: Path, task: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(mine) :]:
         ax.set_visible(False)
-    lo = min(min(b.live for b in r.blocks) for r in mine)
-    axes[0][0].set_ylim(max(lo - 5, -100 if task == "regressor" else 0), 101)
+    axes[0][0].set_ylim(lo, 101)
     fig.suptitle(f"onnxgate learn on seeded streams ({task}): live quality, the oracle, every decision", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -509,7 +510,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-dir", type=Path, default=None, help="where the PNGs go (default: --out)")
     ap.add_argument("--policy", action="append", default=[], metavar="TASK=FILE", help="learning.toml for a task")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--replot", type=Path, help="only draw the PNGs again from a learning.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())["results"]
+        again = [
+            Result(
+                **{**r, "blocks": [Block(**b) for b in r["blocks"]], "decisions": [Made(**m) for m in r["decisions"]]}
+            )
+            for r in saved
+        ]
+        for task in TASKS:
+            plot(again, (args.img_dir or args.out) / f"learning-{task}.png", task)
+        return 0
     cfg = QUICK if args.quick else Config()
     cfg = Config(**{**asdict(cfg), "seed": args.seed})
     policies = dict(POLICIES)
