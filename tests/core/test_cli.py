@@ -163,9 +163,11 @@ def test_generated_protocol_code_is_up_to_date(tmp_path: Path) -> None:
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m onnxgate serve ARGS` to its end; start-up failures must end it promptly."""
+    """`python -m onnxgate serve ARGS` to its end; start-up failures must end it promptly. Any free ports
+    unless ARGS name them: start-up reports every problem, a server elsewhere on 8000-8002 included."""
+    ports = ("--grpc-port", "0", "--http-port", "0", "--metrics-port", "0")
     return subprocess.run(
-        [sys.executable, "-m", "onnxgate", "serve", "--log-level", "warning", *args],
+        [sys.executable, "-m", "onnxgate", "serve", "--log-level", "warning", *ports, *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

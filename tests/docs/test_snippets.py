@@ -26,10 +26,12 @@ counts of blocks run and not run are printed at the end of the session (`doc blo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -261,12 +263,22 @@ def test_block_runs(block: Block, server: Server, tmp_path: Path) -> None:
     block = Block(block.page, block.line, block.lang, _rewrite(block.code, server), block.markers)
     command = _command(block, workdir)
     timeout = float(block.markers.get("timeout", "120"))
-    try:
-        run = subprocess.run(
-            command, cwd=workdir, env=_env(server.home), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{block.id} ran past {timeout:.0f} s:\n{block.code}\nstdout: {e.stdout!r}\nstderr: {e.stderr!r}")
+    # its own process group: whatever the block starts (a server, a background job) ends with it, also
+    # when it runs past its time (a block that started a server left it holding 8000-8002 for later tests)
+    with subprocess.Popen(
+        command, cwd=workdir, env=_env(server.home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{block.id} ran past {timeout:.0f} s:\n{block.code}\nstdout: {stdout!r}\nstderr: {stderr!r}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    run = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"{block.id} exited {run.returncode}:\n{block.code}\n--- output:\n{output}"
     if "expect" in block.markers:
