@@ -136,6 +136,9 @@ def time_split(
 
 
 MIN_WINDOW_ROWS = 50  # fewer rows do not make a model worth converting and comparing
+# ... except the rows since a detected change: the only rows of the concept the model meets now, and a
+# model of them beats one of the old concept (the validation slice, also since the change, decides)
+MIN_CHANGE_WINDOW_ROWS = 30
 
 
 @dataclass
@@ -165,7 +168,7 @@ def candidate_windows(
         windows.append(Window("feedback", feedback.X, feedback.y, None, len(feedback), 0))
     if since is not None and 0 < since < len(feedback):
         recent = feedback.rows(slice(since, len(feedback)))
-        if len(recent) >= MIN_WINDOW_ROWS and recent.y.nunique() >= 2:
+        if len(recent) >= MIN_CHANGE_WINDOW_ROWS and recent.y.nunique() >= 2:
             windows.append(Window("since the change", recent.X, recent.y, None, len(recent), 0))
     for share in (2, 4, 8):  # after an abrupt change only the newest rows hold the new concept: how many,
         newest = feedback.rows(slice(len(feedback) - len(feedback) // share, len(feedback)))  # validation says

@@ -5,7 +5,7 @@ Every `--interval-s`, per model (its policy in `<repository>/<model>/learning.to
     retrain when   N new labels since the last run        retrain_after_labels = 500
               or   live accuracy / RMSE past a threshold   accuracy_below = 0.8 | rmse_above = 2.5
               or   input drift (PSI) past a threshold      drift_psi_above = 0.2 (over >= drift_min_rows inputs)
-              or   a change in the champion's per-row loss (learning/change.py) with rule.min_rows labelled
+              or   a change in the champion's per-row loss (learning/change.py) with min_rows_after_change
                    rows since it; the same change again only with twice the rows the last decision had
     but never      within min_interval_s of the last run   min_interval_s = 600
     back off       after K rejected challengers in a row, N doubles (backoff_after = 3), until drift or
@@ -409,7 +409,7 @@ def next_run(record: TrainingRecord, policy: Policy, state: State, champion: str
         rows = change_bar(policy, state, state.seen_until)
         parts.append(f"{rows} labelled rows since the change at {state.seen_change_at}, or a newer change")
     else:
-        parts.append(f"a change in its loss with {policy.rule.min_rows} labelled rows since")
+        parts.append(f"a change in its loss with {policy.rule.min_rows_after_change} labelled rows since")
     text = ", or ".join(parts)
     if policy.min_interval_s > 0:
         text += f"; not within {policy.min_interval_s:g}s of this run"
@@ -417,13 +417,13 @@ def next_run(record: TrainingRecord, policy: Policy, state: State, champion: str
 
 
 def change_bar(policy: Policy, state: State, change_s: float) -> int:
-    """Labelled rows since a change the change trigger needs: min_rows for a change after every row the
+    """Labelled rows since a change the change trigger needs: min_rows_after_change for a change after every row the
     last decision saw; for one among them (the change it saw), twice the rows it had since its change
     (each run on it has twice the evidence: a change is retrained on a few times, geometrically, not on
     every pass)."""
     if state.seen_change_at and change_s <= state.seen_until:
-        return max(policy.rule.min_rows, 2 * state.seen_change_rows)
-    return policy.rule.min_rows
+        return max(policy.rule.min_rows_after_change, 2 * state.seen_change_rows)
+    return policy.rule.min_rows_after_change
 
 
 def _epoch_s(at: Any) -> float:

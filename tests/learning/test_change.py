@@ -67,10 +67,10 @@ def test_after_an_abrupt_change_windows_are_chosen_and_judged_on_the_rows_since(
     _stream(gw.address, "m", concept("A", 600, rng))
     _stream(gw.address, "m", concept("B", 80, rng))
     _flush(gw)
-    early = retrain(repo, "m", str(tmp_path / "log"), Rule())
-    # the change is seen, but fewer rows since it than min_rows (100) do not make train, validation and test
+    early = retrain(repo, "m", str(tmp_path / "log"), Rule(min_rows_after_change=150))
+    # the change is seen, but fewer rows since it than min_rows_after_change do not make train, validation, test
     assert early.outcome == "not enough data" and "a change at labelled row" in early.reason, early
-    assert "since the change:" in early.reason and "100 needed" in early.reason
+    assert "since the change:" in early.reason and "150 needed" in early.reason
     _stream(gw.address, "m", concept("B", 220, rng))
     _flush(gw)
     decision = retrain(repo, "m", str(tmp_path / "log"), Rule())
@@ -99,7 +99,7 @@ def test_pure_noise_is_never_promoted_over_repeated_runs_and_each_run_spends_les
     looks = [d["test"]["look"] for d in decisions.read(repo / "m")]
     alphas = [d["test"]["alpha"] for d in decisions.read(repo / "m")]
     assert looks == [1, 2, 3, 4, 5]
-    assert alphas == pytest.approx([0.05 / (k * (k + 1)) for k in looks]) and sum(alphas) < 0.05
+    assert alphas == pytest.approx([0.01 / (k * (k + 1)) for k in looks]) and sum(alphas) < 0.01
 
 
 def test_the_loop_retrains_on_a_change_and_again_only_with_twice_the_rows_since(
@@ -120,7 +120,7 @@ def test_the_loop_retrains_on_a_change_and_again_only_with_twice_the_rows_since(
     _flush(gw)
     first = learner.tick()
     assert len(first) == 1 and first[0].trigger.startswith("change: a change at labelled row"), first
-    assert first[0].seen["since_change"] >= 100 and "labelled rows since the change at" in first[0].next
+    assert first[0].seen["since_change"] >= 60 and "labelled rows since the change at" in first[0].next
     assert learner.tick() == [] and learner.tick() == []  # an unchanged log: the same change, no new rows
     seen = first[0].seen["since_change"]
     _stream(gw.address, "m", concept("B", seen + 10, rng))

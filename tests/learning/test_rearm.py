@@ -164,7 +164,7 @@ def test_the_bars_a_trigger_must_pass_after_a_decision(tmp_path: Path) -> None:
     assert bars(record, policy, below, "1") == (0.2, 0.8)  # it saw no drift and good quality: crossing is new
     assert next_run(record, policy, rejected, "1", 1000) == (
         "after 500 more labels (1500 labelled), or drift PSI above 0.9 on version 1's inputs, or accuracy below 0.635,"
-        " or a change in its loss with 100 labelled rows since"
+        " or a change in its loss with 60 labelled rows since"
     )
     changed = State(labels_needed=500, seen_change_at="2030-01-01 00:00:00", seen_change_rows=150, seen_until=1.9e9)
     assert next_run(record, policy, changed, "1", 1000).endswith(
