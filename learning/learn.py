@@ -48,12 +48,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 
 from onnxgate.converters.publish import remove_leftovers
 from onnxgate.learning import decisions
-from onnxgate.learning.change import Change, newest_change, row_losses
 from onnxgate.learning.data import feedback_rows
 from onnxgate.learning.decisions import FAILED, NOT_ENOUGH_DATA, PROMOTED, REJECTED, Decision
 from onnxgate.learning.drift import DriftCollector, feature_drift, live_features, reference_of
 from onnxgate.learning.evaluate import CLASSIFICATION, same_label
-from onnxgate.learning.retrain import Rule, champion_version, retrain, tell_gateway
+from onnxgate.learning.retrain import Rule, champion_change, champion_version, retrain, tell_gateway
 from onnxgate.learning.training import TrainingRecord
 from onnxgate.server.logfiles import LogFiles
 
@@ -280,7 +279,7 @@ class Learner:
             self.drift.update(name, champion, results)
         new_labels = labels - state.labels_at_last_run
         check = Check(labels, new_labels, quality, drift, "", champion, len(live), min(labels, policy.quality_rows))
-        change = _newest_change(record, labelled, model_dir / champion)
+        change = champion_change(record, model_dir / champion, labelled)
         if labels:
             check.until = _epoch_s(labelled.at[-1])
         if change is not None:
@@ -428,17 +427,6 @@ def change_bar(policy: Policy, state: State, change_s: float) -> int:
 
 def _epoch_s(at: Any) -> float:
     return float(np.datetime64(at, "us").astype(np.int64)) / 1e6
-
-
-def _newest_change(record: TrainingRecord, labelled: Any, champion_dir: Path) -> Change | None:
-    """The newest change in the champion's per-row loss over every labelled row (learning/change.py): the
-    retrain then chooses and judges its windows on the rows since it."""
-    if not len(labelled):
-        return None
-    from onnxgate.learning.evaluate import predict
-
-    predicted = predict(champion_dir / "model.onnx", record.inputs_from_features(labelled.X))
-    return newest_change(row_losses(record.task, predicted, labelled.y.to_numpy()))
 
 
 def _threshold(record: TrainingRecord, policy: Policy) -> float | None:

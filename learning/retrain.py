@@ -123,7 +123,7 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
     champion = champion_version(model_dir)
     record = TrainingRecord.load(model_dir / champion)
     labelled = feedback_rows(logfiles, name, record)
-    change = _newest_change(record, model_dir / champion, labelled)
+    change = champion_change(record, model_dir / champion, labelled)
     split = _split(labelled, change, rule)
     since = None if change is None else change.index  # where the new regime starts in split.train
     rows = {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)}
@@ -277,7 +277,7 @@ def _run(model_dir: Path, name: str, logfiles: LogFiles, rule: Rule) -> Decision
     )
 
 
-def _newest_change(record: TrainingRecord, champion_dir: Path, labelled: Labelled) -> Change | None:
+def champion_change(record: TrainingRecord, champion_dir: Path, labelled: Labelled) -> Change | None:
     """The newest change in the champion's loss over the labelled rows (all of them, oldest first)."""
     if not len(labelled):
         return None
